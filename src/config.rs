@@ -83,10 +83,10 @@ pub struct Config {
     /// During a drain, how long an idle keep-alive connection may stay open in case a
     /// request is already on its way.
     pub idle_grace: Duration,
-    /// Where the serving process writes its pid.
-    pub pid_file: PathBuf,
-    /// The control socket path.
-    pub control_socket: PathBuf,
+    /// Where the serving process writes its pid (always set when loaded from a file).
+    pub pid_file: Option<PathBuf>,
+    /// The control socket path (always set when loaded from a file).
+    pub control_socket: Option<PathBuf>,
     /// Per-request limits.
     pub limits: Limits,
     /// What each signal does.
@@ -209,6 +209,27 @@ pub const DEFAULT_UPGRADE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default idle grace during a drain.
 pub const DEFAULT_IDLE_GRACE: Duration = Duration::from_millis(500);
 
+impl Default for Config {
+    /// The built-in defaults, without a pid file or control socket (library use).
+    fn default() -> Self {
+        Config {
+            file: None,
+            listen: default_listen()
+                .iter()
+                .filter_map(|s| ListenAddr::parse(s).ok())
+                .collect(),
+            handler: PathBuf::from("handler.so"),
+            wait_timeout: DEFAULT_WAIT_TIMEOUT,
+            upgrade_timeout: DEFAULT_UPGRADE_TIMEOUT,
+            idle_grace: DEFAULT_IDLE_GRACE,
+            pid_file: None,
+            control_socket: None,
+            limits: Limits::default(),
+            signals: SignalRegistry::default(),
+        }
+    }
+}
+
 impl Config {
     /// Loads `file` (or `gem.toml` if it exists when `file` is `None`), the `GEM_*`
     /// environment and `overrides`, and validates the result.
@@ -324,12 +345,48 @@ impl Config {
                 DEFAULT_UPGRADE_TIMEOUT,
             )?,
             idle_grace: raw.idle_grace.unwrap_or(DEFAULT_IDLE_GRACE),
-            pid_file,
-            control_socket,
+            pid_file: Some(pid_file),
+            control_socket: Some(control_socket),
             limits,
             signals,
             file,
         })
+    }
+
+    /// The effective settings as `gem check` prints them.
+    pub fn describe(&self, handler: &crate::handler::HandlerInfo) -> String {
+        use std::fmt::Write as _;
+        let d = |d: Duration| humantime::format_duration(d).to_string();
+        let path = |p: &Option<PathBuf>| p.as_deref().map_or("-".into(), |p| p.display().to_string());
+        let mut out = String::new();
+        let file = self.file.as_deref().map_or("(none: built-in defaults)".into(), |p| p.display().to_string());
+        let _ = writeln!(out, "config file:         {file}");
+        let listen: Vec<_> = self.listen.iter().map(|l| l.spec.as_str()).collect();
+        let _ = writeln!(out, "listen:              {}", listen.join(", "));
+        let _ = writeln!(out, "handler:             {}", self.handler.display());
+        let _ = writeln!(
+            out,
+            "plugin:              {} {} (ABI {}) sha256={}",
+            handler.name,
+            handler.version,
+            handler.abi.map_or("-".into(), |a| a.to_string()),
+            handler.sha256.as_deref().unwrap_or("-"),
+        );
+        let _ = writeln!(out, "wait_timeout:        {}", d(self.wait_timeout));
+        let _ = writeln!(out, "upgrade_timeout:     {}", d(self.upgrade_timeout));
+        let _ = writeln!(out, "idle_grace:          {}", d(self.idle_grace));
+        let _ = writeln!(out, "header_read_timeout: {}", d(self.limits.header_read_timeout));
+        let _ = writeln!(out, "max_body_size:       {}", ByteSize(self.limits.max_body_size));
+        let _ = writeln!(out, "max_header_size:     {}", ByteSize(self.limits.max_header_size as u64));
+        let _ = writeln!(out, "max_headers:         {}", self.limits.max_headers);
+        let _ = writeln!(out, "pid_file:            {}", path(&self.pid_file));
+        let _ = writeln!(out, "control_socket:      {}", path(&self.control_socket));
+        let _ = writeln!(out, "signals:");
+        for (sig, action) in self.signals.iter() {
+            let _ = writeln!(out, "  {:<10} {action}", sig.name());
+        }
+        let _ = writeln!(out, "  (any other signal keeps its OS default action)");
+        out
     }
 
     /// `GEM_*` variables that are neither config keys nor gem's own, for a warning.
@@ -411,7 +468,7 @@ mod tests {
             assert_eq!(c.upgrade_timeout, Duration::from_secs(30));
             assert_eq!(c.limits, Limits::default());
             assert_eq!(c.signals, SignalRegistry::default());
-            assert_eq!(c.control_socket, PathBuf::from("gem.sock"));
+            assert_eq!(c.control_socket, Some(PathBuf::from("gem.sock")));
             Ok(())
         });
     }
@@ -478,8 +535,8 @@ mod tests {
             let c = Config::load(Some(Path::new("etc/gem.toml")), &Overrides::default()).unwrap();
             let dir = jail.directory().join("etc");
             assert_eq!(c.handler, dir.join("h.so"));
-            assert_eq!(c.pid_file, dir.join("run/g.pid"));
-            assert_eq!(c.control_socket, dir.join("run/g.sock"));
+            assert_eq!(c.pid_file, Some(dir.join("run/g.pid")));
+            assert_eq!(c.control_socket, Some(dir.join("run/g.sock")));
             Ok(())
         });
     }

@@ -1,13 +1,36 @@
-//! gem: an HTTP server that is upgraded and stopped without failing a request.
+//! gem: an HTTP server that is upgraded and stopped without failing a request. Its
+//! handler is a plugin `.so` (or an in-process function), and a table says what each
+//! Unix signal does.
 //!
 //! # Layout
 //!
-//! - [`config`]: defaults < `gem.toml` < `GEM_*` env < flags, validated into [`config::Config`].
-//! - [`signals`]: `Signal`, `Action` and the `SignalRegistry` with its fixed rules.
+//! - [`config`]: defaults < `gem.toml` < `GEM_*` env < flags, validated into [`Config`].
+//! - [`signals`]: [`Signal`], [`Action`] and the [`SignalRegistry`] with its fixed rules.
 //! - [`handler`]: the request-handler seam (in-process function or plugin).
 //! - [`plugin`]: loads a handler `.so`: private copy, dlopen, ABI handshake, panic-safe calls.
+//! - [`server`]: the accept loop and per-connection HTTP/1 + HTTP/2 serving.
+//! - [`drain`]: the drain state machine used by shutdown and by the old side of a restart.
+//! - [`fds`]: inherited and handed-over sockets (gem's own handover and systemd's).
+//! - [`upgrade`]: restart: start the new process, wait for ready, roll back on failure.
+//! - `lifecycle`: one process's event loop: signals to actions, upgrade, drain.
+//! - `builder`: the library API: [`Server::builder`], [`ServerConfig`].
+//! - [`error`]: the library's [`Error`].
 
+mod builder;
 pub mod config;
+pub mod drain;
+pub mod error;
+pub mod fds;
 pub mod handler;
+mod lifecycle;
 pub mod plugin;
+pub mod server;
 pub mod signals;
+pub mod upgrade;
+
+pub use builder::{Builder, Server, ServerConfig, check, report_startup_failure};
+pub use config::Config;
+pub use error::Error;
+pub use handler::{Handler, Request, Response};
+pub use lifecycle::Exit;
+pub use signals::{Action, Signal, SignalRegistry};

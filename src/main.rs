@@ -1,1 +1,134 @@
-fn main() {}
+//! The `gem` command: parse the CLI, call the library, map errors to exit codes.
+
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use gem::config::{Config, Overrides};
+use gem::{Exit, Server};
+use tracing::{error, info, warn};
+
+/// An HTTP server that is upgraded and stopped without failing a request.
+///
+/// Its request handler is a plugin (.so); `gem.toml` says what each Unix signal does.
+/// Configuration is layered: built-in defaults < gem.toml < GEM_* environment
+/// variables (e.g. GEM_WAIT_TIMEOUT=30s) < command-line flags.
+#[derive(Debug, Parser)]
+#[command(name = "gem", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve HTTP until a shutdown signal; SIGHUP (by default) upgrades in place.
+    Serve(ServeArgs),
+    /// Validate the config and load the plugin, print the effective settings, serve nothing.
+    Check(ConfigArgs),
+}
+
+#[derive(Debug, Args)]
+struct ConfigArgs {
+    /// Config file [default: ./gem.toml if it exists]. A named file must exist.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Address to serve on (IP:PORT, [IPv6]:PORT or :PORT); repeat for several.
+    #[arg(long, value_name = "ADDR")]
+    listen: Vec<String>,
+    /// The handler plugin .so.
+    #[arg(long, value_name = "PATH")]
+    handler: Option<PathBuf>,
+    /// Longest a drain may take before open connections are cut, e.g. 15s or "1m 30s".
+    #[arg(long, value_name = "DURATION")]
+    wait_timeout: Option<String>,
+    /// Longest a new process may take to become ready during a restart.
+    #[arg(long, value_name = "DURATION")]
+    upgrade_timeout: Option<String>,
+    /// Where the serving process writes its pid.
+    #[arg(long, value_name = "FILE")]
+    pid_file: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            listen: self.listen.clone(),
+            handler: self.handler.clone(),
+            wait_timeout: self.wait_timeout.clone(),
+            upgrade_timeout: self.upgrade_timeout.clone(),
+            pid_file: self.pid_file.clone(),
+            control_socket: None,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Serve(args) => serve(&args),
+        Command::Check(args) => check(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            error!("{err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    let config = match Config::load(args.config.config.as_deref(), &args.overrides()) {
+        Ok(config) => config,
+        Err(err) => {
+            gem::report_startup_failure(&err.to_string());
+            return Err(err.into());
+        }
+    };
+    for var in Config::unknown_env_vars() {
+        warn!("ignoring environment variable {var}: not a gem setting");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let exit = runtime.block_on(Server::from_config(config).run());
+    // A handler still blocked after the drain (cut at wait_timeout) must not hold the
+    // exit; its connection is already gone.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    match exit? {
+        Exit::Shutdown { cut } | Exit::HandedOver { cut, .. } if cut > 0 => {
+            info!("[{}] exiting; {cut} connections were cut.", std::process::id());
+        }
+        _ => {}
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check(args: &ConfigArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load(args.config.as_deref(), &Overrides::default())?;
+    let handler = gem::check(&config)?;
+    print!("{}", config.describe(&handler));
+    Ok(ExitCode::SUCCESS)
+}

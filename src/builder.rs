@@ -1,0 +1,243 @@
+//! The library API, the Rust face of the Go original's `SetSignal`, `LoadConfig` and
+//! `ServerConfig`: build a [`Server`] in code and run it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::Stream;
+
+use crate::config::{Config, ListenAddr};
+use crate::error::Error;
+use crate::fds::Inherited;
+use crate::handler::{FnHandler, Request, Response};
+use crate::lifecycle::{Exit, HandlerSource, os_signals, start};
+use crate::signals::{Action, Signal};
+use crate::upgrade::Launch;
+
+/// Tunables, as the Go original's `ServerConfig`: a zero field keeps the current value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// How long a drain may take before open connections are cut (default 15 s).
+    pub wait_timeout: Duration,
+    /// How long a new process has to report ready during a restart (default 30 s).
+    pub upgrade_timeout: Duration,
+    /// How long an idle keep-alive connection may linger once draining (default 500 ms).
+    pub idle_grace: Duration,
+    /// How long a client may take to send its request head (default 10 s).
+    pub header_read_timeout: Duration,
+    /// Largest request body in bytes; larger ones get 413 (default 1 MiB).
+    pub max_body_size: u64,
+    /// Largest request head in bytes (default 64 KiB).
+    pub max_header_size: usize,
+    /// Most headers in one request (default 100).
+    pub max_headers: usize,
+}
+
+impl Config {
+    /// Applies the non-zero fields of `sc`, as `LoadConfig` did.
+    pub fn apply(&mut self, sc: &ServerConfig) {
+        fn set<T: Default + PartialEq + Copy>(field: &mut T, value: T) {
+            if value != T::default() {
+                *field = value;
+            }
+        }
+        set(&mut self.wait_timeout, sc.wait_timeout);
+        set(&mut self.upgrade_timeout, sc.upgrade_timeout);
+        set(&mut self.idle_grace, sc.idle_grace);
+        set(&mut self.limits.header_read_timeout, sc.header_read_timeout);
+        set(&mut self.limits.max_body_size, sc.max_body_size);
+        set(&mut self.limits.max_header_size, sc.max_header_size);
+        set(&mut self.limits.max_headers, sc.max_headers);
+    }
+}
+
+/// Builds a [`Server`]. See [`Server::builder`].
+#[must_use]
+pub struct Builder {
+    listen: Vec<String>,
+    handler: Option<HandlerSource>,
+    config: Config,
+}
+
+impl std::fmt::Debug for Builder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder")
+            .field("listen", &self.listen)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Builder {
+    /// Adds a listen address (`IP:PORT`, `[IPv6]:PORT` or `:PORT`). Without any, gem
+    /// listens on 127.0.0.1:8080.
+    pub fn listen(mut self, addr: impl Into<String>) -> Self {
+        self.listen.push(addr.into());
+        self
+    }
+
+    /// Serves with an in-process handler function.
+    pub fn handler<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&Request<'_>) -> Response + Send + Sync + 'static,
+    {
+        let name = std::any::type_name::<F>().to_owned();
+        self.handler = Some(HandlerSource::InProcess(Arc::new(FnHandler::new(name, f))));
+        self
+    }
+
+    /// Serves with a handler plugin `.so`, loaded by every generation afresh.
+    pub fn plugin(mut self, path: impl Into<PathBuf>) -> Self {
+        self.handler = Some(HandlerSource::Plugin(path.into()));
+        self
+    }
+
+    /// Maps `signal` to `action`, as `SetSignal` did. Refuses SIGTERM (always
+    /// shutdown) and the signals that cannot be mapped.
+    pub fn signal(mut self, signal: Signal, action: Action) -> Result<Self, Error> {
+        self.config
+            .signals
+            .set(signal, action)
+            .map_err(|source| Error::Signal { signal, source })?;
+        Ok(self)
+    }
+
+    /// Applies the non-zero fields of `config`, as `LoadConfig` did.
+    pub fn load_config(mut self, config: ServerConfig) -> Self {
+        self.config.apply(&config);
+        self
+    }
+
+    /// Writes the serving process's pid to `path` (atomically, on every generation).
+    pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.pid_file = Some(path.into());
+        self
+    }
+
+    /// Checks the settings.
+    pub fn build(mut self) -> Result<Server, Error> {
+        let handler = self.handler.ok_or(Error::NoHandler)?;
+        if !self.listen.is_empty() {
+            self.config.listen = self
+                .listen
+                .iter()
+                .map(|s| ListenAddr::parse(s))
+                .collect::<Result<_, _>>()
+                .map_err(|message| {
+                    Error::Config(crate::config::ConfigError::Invalid {
+                        key: "listen".into(),
+                        origin: String::new(),
+                        message,
+                    })
+                })?;
+        }
+        Ok(Server {
+            config: self.config,
+            handler,
+        })
+    }
+}
+
+/// A gem server: serves until shut down, upgrades itself on restart.
+///
+/// ```no_run
+/// use gem::{Action, Response, Server, ServerConfig, Signal};
+/// use std::time::Duration;
+///
+/// # async fn demo() -> Result<(), gem::Error> {
+/// Server::builder()
+///     .listen("127.0.0.1:8080")
+///     .handler(|_req| Response::text(200, "Hello world."))
+///     .signal(Signal::USR2, Action::Restart)?
+///     .load_config(ServerConfig {
+///         wait_timeout: Duration::from_secs(30),
+///         ..Default::default()
+///     })
+///     .build()?
+///     .run()
+///     .await?;
+/// # Ok(())
+/// # }
+/// ```
+pub struct Server {
+    config: Config,
+    handler: HandlerSource,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Starts building a server with the defaults.
+    pub fn builder() -> Builder {
+        Builder {
+            listen: Vec::new(),
+            handler: None,
+            config: Config::default(),
+        }
+    }
+
+    /// A server exactly as a loaded config file describes it, serving its plugin.
+    pub fn from_config(config: Config) -> Server {
+        Server {
+            handler: HandlerSource::Plugin(config.handler.clone()),
+            config,
+        }
+    }
+
+    /// The effective configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Serves, reacting to real Unix signals, until shut down or handed over.
+    pub async fn run(self) -> Result<Exit, Error> {
+        let signals = os_signals(&self.config.signals)?;
+        self.run_with_signals(signals).await
+    }
+
+    /// Serves, taking signals from `signals` instead of the OS (for tests and embedding).
+    pub async fn run_with_signals(
+        self,
+        signals: impl Stream<Item = Signal> + Unpin,
+    ) -> Result<Exit, Error> {
+        let launch = Launch::current().map_err(Error::io("recording how gem was started"))?;
+        let inherited = Inherited::take()?;
+        let (generation, ready) = match start(self.config, self.handler, inherited).await {
+            Ok(started) => started,
+            Err((err, ready)) => {
+                if let Some(ready) = ready {
+                    ready.fail(&err.to_string());
+                }
+                return Err(err);
+            }
+        };
+        let parent = generation.announce(ready).await?;
+        generation.run(launch, signals, parent).await
+    }
+}
+
+/// Everything `gem serve` would check before serving, without serving: loads the
+/// plugin through the full handshake and checks the `plugin` signal action has a hook.
+pub fn check(config: &Config) -> Result<crate::handler::HandlerInfo, Error> {
+    let plugin = crate::plugin::LoadedPlugin::load(&config.handler)?;
+    crate::lifecycle::check_signal_hook(&config.signals, &plugin)?;
+    Ok(crate::handler::Handler::info(&plugin))
+}
+
+/// For a process started by an upgrade that fails before it can build a [`Server`]
+/// (a broken config): tells the waiting parent why.
+pub fn report_startup_failure(reason: &str) {
+    if let Ok(Inherited {
+        ready: Some(ready), ..
+    }) = Inherited::take()
+    {
+        crate::upgrade::ReadyChannel::new(ready).fail(reason);
+    }
+}

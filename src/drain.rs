@@ -1,0 +1,202 @@
+//! The drain state machine shared by shutdown and the old side of a restart: stop
+//! accepting, close idle connections after a grace, wait for in-flight requests, cut the
+//! rest at `wait_timeout`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Shared between the accept loops and the connection tasks of one server generation.
+#[derive(Debug, Clone)]
+pub struct DrainSignal {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// Flips to `true` once: from then on responses carry `Connection: close`.
+    draining: watch::Sender<bool>,
+    /// Cancelled to stop every accept loop.
+    stop_accepting: CancellationToken,
+    /// Cancelled at `wait_timeout` to cut the connections still open.
+    cut: CancellationToken,
+    /// Requests currently inside the handler or having their body read.
+    in_flight: AtomicUsize,
+    /// How long an idle keep-alive connection may linger once draining.
+    idle_grace: Duration,
+}
+
+/// How a drain ended, for one listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainOutcome {
+    /// Every connection finished by itself.
+    Clean,
+    /// `wait_timeout` passed; this many connections were cut.
+    TimedOut {
+        /// Connections closed while still open.
+        cut: usize,
+    },
+}
+
+/// Counts a request as in flight for as long as it lives.
+#[derive(Debug)]
+pub struct InFlight(Arc<Inner>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl DrainSignal {
+    /// A fresh, not-draining signal.
+    pub fn new(idle_grace: Duration) -> Self {
+        DrainSignal {
+            inner: Arc::new(Inner {
+                draining: watch::Sender::new(false),
+                stop_accepting: CancellationToken::new(),
+                cut: CancellationToken::new(),
+                in_flight: AtomicUsize::new(0),
+                idle_grace,
+            }),
+        }
+    }
+
+    /// Starts the drain: accept loops stop, responses get `Connection: close`.
+    pub fn begin(&self) {
+        self.inner.stop_accepting.cancel();
+        self.inner.draining.send_replace(true);
+    }
+
+    /// Whether the drain has begun.
+    pub fn is_draining(&self) -> bool {
+        *self.inner.draining.borrow()
+    }
+
+    /// Resolves once the drain begins.
+    pub async fn draining(&self) {
+        let mut rx = self.inner.draining.subscribe();
+        // The sender lives in `self`, so `wait_for` cannot fail.
+        let _ = rx.wait_for(|d| *d).await;
+    }
+
+    /// Resolves once accept loops must stop.
+    pub fn stop_accepting(&self) -> &CancellationToken {
+        &self.inner.stop_accepting
+    }
+
+    /// Resolves once remaining connections must be cut.
+    pub fn cut(&self) -> &CancellationToken {
+        &self.inner.cut
+    }
+
+    /// The idle grace.
+    pub fn idle_grace(&self) -> Duration {
+        self.inner.idle_grace
+    }
+
+    /// Marks one request as in flight until the guard drops.
+    pub fn request(&self) -> InFlight {
+        self.inner.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.inner.clone())
+    }
+
+    /// Requests in flight right now.
+    pub fn in_flight(&self) -> usize {
+        self.inner.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Waits for every tracked connection to finish, cutting them all at `deadline`.
+    /// Returns one outcome per tracker, in order.
+    pub async fn finish(
+        &self,
+        trackers: &[TaskTracker],
+        deadline: tokio::time::Instant,
+    ) -> Vec<DrainOutcome> {
+        for t in trackers {
+            t.close();
+        }
+        let all = futures_util::future::join_all(trackers.iter().map(TaskTracker::wait));
+        if tokio::time::timeout_at(deadline, all).await.is_ok() {
+            return vec![DrainOutcome::Clean; trackers.len()];
+        }
+        let outcomes = trackers
+            .iter()
+            .map(|t| match t.len() {
+                0 => DrainOutcome::Clean,
+                cut => DrainOutcome::TimedOut { cut },
+            })
+            .collect();
+        self.inner.cut.cancel();
+        // Cut connection tasks return at their next poll; nothing blocks on them.
+        futures_util::future::join_all(trackers.iter().map(TaskTracker::wait)).await;
+        outcomes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    #[tokio::test]
+    async fn finishes_as_soon_as_tasks_end_without_waiting_for_the_deadline() {
+        let drain = DrainSignal::new(Duration::ZERO);
+        let tracker = TaskTracker::new();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tracker.spawn(async move {
+            let _ = rx.await;
+        });
+        drain.begin();
+        assert!(drain.is_draining());
+        assert!(drain.stop_accepting().is_cancelled());
+        let finish = drain.finish(
+            std::slice::from_ref(&tracker),
+            Instant::now() + Duration::from_secs(3600),
+        );
+        tokio::pin!(finish);
+        assert!(
+            futures_util::poll!(finish.as_mut()).is_pending(),
+            "must wait for the open task"
+        );
+        tx.send(()).unwrap();
+        assert_eq!(finish.await, vec![DrainOutcome::Clean]);
+        assert!(!drain.cut().is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn cuts_and_counts_what_is_left_at_the_deadline() {
+        let drain = DrainSignal::new(Duration::ZERO);
+        let busy = TaskTracker::new();
+        let idle = TaskTracker::new();
+        for _ in 0..3 {
+            let cut = drain.cut().clone();
+            busy.spawn(async move { cut.cancelled().await });
+        }
+        drain.begin();
+        let outcomes = drain
+            .finish(&[busy, idle], Instant::now() + Duration::from_millis(10))
+            .await;
+        assert_eq!(
+            outcomes,
+            vec![DrainOutcome::TimedOut { cut: 3 }, DrainOutcome::Clean]
+        );
+        assert!(drain.cut().is_cancelled());
+    }
+
+    #[test]
+    fn in_flight_guard_counts() {
+        let drain = DrainSignal::new(Duration::ZERO);
+        let a = drain.request();
+        let b = drain.request();
+        assert_eq!(drain.in_flight(), 2);
+        drop(a);
+        assert_eq!(drain.in_flight(), 1);
+        drop(b);
+        assert_eq!(drain.in_flight(), 0);
+    }
+}

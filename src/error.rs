@@ -1,0 +1,75 @@
+//! The library's error type: each variant names what the user must fix.
+
+use std::path::PathBuf;
+
+use crate::config::ConfigError;
+use crate::fds::FdError;
+use crate::plugin::PluginError;
+use crate::signals::{Signal, SignalError};
+
+/// Why a server could not start or keep running.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The handler plugin could not be loaded.
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr} (key `listen`): {source}")]
+    Listen {
+        /// The address as configured.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Inherited sockets were unusable.
+    #[error(transparent)]
+    Fds(#[from] FdError),
+    /// A signal mapping broke a fixed rule (library API).
+    #[error("signal {signal}: {source}")]
+    Signal {
+        /// The signal.
+        signal: Signal,
+        /// Which rule.
+        source: SignalError,
+    },
+    /// `plugin` is mapped but the handler has no `on_signal` hook.
+    #[error(
+        "signals.{} = \"plugin\" needs a handler with an on_signal hook, but {handler} has none",
+        .signal.short_name()
+    )]
+    NoSignalHook {
+        /// The first signal mapped to `plugin`.
+        signal: Signal,
+        /// The handler's name.
+        handler: String,
+    },
+    /// Neither `.handler()` nor `.plugin()` was given to the builder.
+    #[error("no handler: call .handler() or .plugin() on the builder")]
+    NoHandler,
+    /// A file gem manages could not be written or removed.
+    #[error("{}: {source}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Any other I/O failure, with what was being done.
+    #[error("{context}: {source}")]
+    Io {
+        /// What gem was doing.
+        context: &'static str,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// Wraps an I/O error with what gem was doing.
+    pub fn io(context: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+        move |source| Error::Io { context, source }
+    }
+}

@@ -1,0 +1,285 @@
+//! The accept loop and per-connection serving (hyper-util's auto HTTP/1 + HTTP/2
+//! builder), with request limits and the drain's `Connection: close` / GOAWAY.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, HeaderValue};
+use http::{Request as HttpRequest, Response as HttpResponse, StatusCode, Version};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, warn};
+
+use crate::config::Limits;
+use crate::drain::DrainSignal;
+use crate::handler::{Handler, HandlerError, Request, Response};
+
+type Body = Full<Bytes>;
+
+/// Everything a connection task needs, shared by all connections of a generation.
+#[derive(Clone)]
+pub struct ServeContext {
+    handler: Arc<dyn Handler>,
+    limits: Limits,
+    drain: DrainSignal,
+    http: Arc<auto::Builder<TokioExecutor>>,
+}
+
+impl std::fmt::Debug for ServeContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeContext")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServeContext {
+    /// Builds the shared HTTP settings from `limits`.
+    pub fn new(handler: Arc<dyn Handler>, limits: Limits, drain: DrainSignal) -> Self {
+        let mut http = auto::Builder::new(TokioExecutor::new());
+        http.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(limits.max_header_size)
+            .max_headers(limits.max_headers);
+        http.http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(limits.max_header_size).unwrap_or(u32::MAX))
+            .max_concurrent_streams(256);
+        ServeContext {
+            handler,
+            limits,
+            drain,
+            http: Arc::new(http),
+        }
+    }
+
+    /// The drain signal of this generation.
+    pub fn drain(&self) -> &DrainSignal {
+        &self.drain
+    }
+
+    /// The handler.
+    pub fn handler(&self) -> &Arc<dyn Handler> {
+        &self.handler
+    }
+}
+
+/// Accepts connections on `listener` until the drain begins, spawning each onto
+/// `tracker`. Returns when accepting has stopped; dropping the listener closes this
+/// process's copy of the socket (a new generation may still hold its own).
+pub async fn accept_loop(listener: TcpListener, ctx: ServeContext, tracker: TaskTracker) {
+    let stop = ctx.drain.stop_accepting().clone();
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                tracker.spawn(serve_connection(stream, peer, ctx.clone()));
+            }
+            Err(err) if is_per_connection_error(&err) => {
+                debug!(cause = %err, "accept: connection failed before it was accepted");
+            }
+            Err(err) => {
+                // Out of fds or memory: back off instead of spinning, and keep going.
+                error!(cause = %err, "failed to accept");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+fn is_per_connection_error(err: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        err.kind(),
+        ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted
+    )
+}
+
+/// Serves one connection, following the drain: once draining, HTTP/2 gets GOAWAY at
+/// once; HTTP/1 gets `Connection: close` on its next response and, if it stays idle for
+/// the grace, is closed. At the cut the connection is dropped.
+async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: ServeContext) {
+    let _ = stream.set_nodelay(true);
+    let is_h2 = Arc::new(AtomicBool::new(false));
+    let service = {
+        let (ctx, is_h2) = (ctx.clone(), is_h2.clone());
+        service_fn(move |req| {
+            if req.version() == Version::HTTP_2 {
+                is_h2.store(true, Ordering::Relaxed);
+            }
+            respond(req, ctx.clone())
+        })
+    };
+    let conn = ctx.http.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let drain = &ctx.drain;
+    let result = tokio::select! {
+        res = conn.as_mut() => Some(res),
+        () = drain.draining() => None,
+    };
+    let result = match result {
+        Some(res) => res,
+        None => {
+            if !is_h2.load(Ordering::Relaxed) {
+                // Give a request that may already be on its way the chance to arrive and
+                // be answered with `Connection: close`.
+                tokio::select! {
+                    res = conn.as_mut() => return log_conn_end(peer, res),
+                    () = tokio::time::sleep(drain.idle_grace()) => {}
+                }
+            }
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                res = conn.as_mut() => res,
+                () = drain.cut().cancelled() => {
+                    debug!(%peer, "connection cut at wait_timeout");
+                    return;
+                }
+            }
+        }
+    };
+    log_conn_end(peer, result);
+}
+
+fn log_conn_end(peer: SocketAddr, result: Result<(), Box<dyn std::error::Error + Send + Sync>>) {
+    if let Err(err) = result {
+        debug!(%peer, cause = %err, "connection ended with an error");
+    }
+}
+
+/// Turns one HTTP request into a handler call and back.
+async fn respond(
+    req: HttpRequest<Incoming>,
+    ctx: ServeContext,
+) -> Result<HttpResponse<Body>, std::convert::Infallible> {
+    let _in_flight = ctx.drain.request();
+    let version = req.version();
+    let mut resp = match call_handler(req, &ctx).await {
+        Ok(resp) => resp,
+        Err(resp) => resp,
+    };
+    if ctx.drain.is_draining() && version < Version::HTTP_2 {
+        resp.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    Ok(resp)
+}
+
+async fn call_handler(
+    req: HttpRequest<Incoming>,
+    ctx: &ServeContext,
+) -> Result<HttpResponse<Body>, HttpResponse<Body>> {
+    let max = ctx.limits.max_body_size;
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > max) {
+        return Err(too_large());
+    }
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX))
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(err) if err.is::<LengthLimitError>() => return Err(too_large()),
+        Err(err) => {
+            debug!(cause = %err, "failed to read the request body");
+            return Err(plain(StatusCode::BAD_REQUEST, "bad request body\n"));
+        }
+    };
+    let handler = ctx.handler.clone();
+    let method = parts.method.clone();
+    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_owned();
+    // The handler is synchronous and may block: run it off the I/O threads so a slow
+    // handler never stalls accepting or other connections.
+    let outcome = tokio::task::spawn_blocking(move || {
+        let headers = parts
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_bytes()))
+            .collect();
+        let request = Request::new(method.as_str(), &target, headers, &body);
+        handler.handle(&request)
+    })
+    .await;
+    let response = match outcome {
+        Ok(Ok(resp)) => to_http(resp),
+        Ok(Err(err)) => Err(err),
+        Err(join) => Err(HandlerError::Panicked(join.to_string())),
+    };
+    response.map_err(|err| {
+        warn!(cause = %err, "handler failed; answering 500");
+        plain(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n")
+    })
+}
+
+/// Validates a handler's response and converts it for hyper.
+fn to_http(resp: Response) -> Result<HttpResponse<Body>, HandlerError> {
+    let status = StatusCode::from_u16(resp.status)
+        .map_err(|_| HandlerError::Invalid(format!("status {} is not valid", resp.status)))?;
+    let mut out = HttpResponse::new(Full::new(Bytes::from(resp.body)));
+    *out.status_mut() = status;
+    let headers = out.headers_mut();
+    headers.reserve(resp.headers.len());
+    for (name, value) in resp.headers {
+        let n = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| HandlerError::Invalid(format!("header name {name:?} is not valid")))?;
+        let v = HeaderValue::from_str(&value).map_err(|_| {
+            HandlerError::Invalid(format!("header {name:?} has an invalid value {value:?}"))
+        })?;
+        headers.append(n, v);
+    }
+    Ok(out)
+}
+
+fn too_large() -> HttpResponse<Body> {
+    let mut resp = plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
+    // The unread body is still on the wire; this connection cannot be reused.
+    resp.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+fn plain(status: StatusCode, text: &'static str) -> HttpResponse<Body> {
+    let mut resp = HttpResponse::new(Full::new(Bytes::from_static(text.as_bytes())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_handler_output_is_refused() {
+        let bad_status = Response::new(1000);
+        assert!(matches!(to_http(bad_status), Err(HandlerError::Invalid(m)) if m.contains("1000")));
+        let bad_header = Response::new(200).with_header("bad name", "x");
+        assert!(matches!(to_http(bad_header), Err(HandlerError::Invalid(m)) if m.contains("bad name")));
+        let bad_value = Response::new(200).with_header("x-a", "line\nbreak");
+        assert!(to_http(bad_value).is_err());
+        let ok = to_http(Response::text(201, "hi").with_header("x-a", "1")).unwrap();
+        assert_eq!(ok.status(), 201);
+        assert_eq!(ok.headers()["x-a"], "1");
+    }
+}
