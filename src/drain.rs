@@ -26,6 +26,8 @@ struct Inner {
     cut: CancellationToken,
     /// Requests currently inside the handler or having their body read.
     in_flight: AtomicUsize,
+    /// Open client connections.
+    connections: AtomicUsize,
     /// How long an idle keep-alive connection may linger once draining.
     idle_grace: Duration,
 }
@@ -42,13 +44,20 @@ pub enum DrainOutcome {
     },
 }
 
-/// Counts a request as in flight for as long as it lives.
+/// Counts a request (or a connection) for as long as it lives.
 #[derive(Debug)]
-pub struct InFlight(Arc<Inner>);
+pub struct Counted {
+    inner: Arc<Inner>,
+    connection: bool,
+}
 
-impl Drop for InFlight {
+impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let counter = match self.connection {
+            true => &self.inner.connections,
+            false => &self.inner.in_flight,
+        };
+        counter.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -61,6 +70,7 @@ impl DrainSignal {
                 stop_accepting: CancellationToken::new(),
                 cut: CancellationToken::new(),
                 in_flight: AtomicUsize::new(0),
+                connections: AtomicUsize::new(0),
                 idle_grace,
             }),
         }
@@ -100,14 +110,31 @@ impl DrainSignal {
     }
 
     /// Marks one request as in flight until the guard drops.
-    pub fn request(&self) -> InFlight {
+    pub fn request(&self) -> Counted {
         self.inner.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.inner.clone())
+        Counted {
+            inner: self.inner.clone(),
+            connection: false,
+        }
+    }
+
+    /// Counts one open connection until the guard drops.
+    pub fn connection(&self) -> Counted {
+        self.inner.connections.fetch_add(1, Ordering::Relaxed);
+        Counted {
+            inner: self.inner.clone(),
+            connection: true,
+        }
     }
 
     /// Requests in flight right now.
     pub fn in_flight(&self) -> usize {
         self.inner.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Connections open right now.
+    pub fn connections(&self) -> usize {
+        self.inner.connections.load(Ordering::Relaxed)
     }
 
     /// Waits for every tracked connection to finish, cutting them all at `deadline`.
@@ -193,7 +220,11 @@ mod tests {
         let drain = DrainSignal::new(Duration::ZERO);
         let a = drain.request();
         let b = drain.request();
+        let c = drain.connection();
         assert_eq!(drain.in_flight(), 2);
+        assert_eq!(drain.connections(), 1);
+        drop(c);
+        assert_eq!(drain.connections(), 0);
         drop(a);
         assert_eq!(drain.in_flight(), 1);
         drop(b);

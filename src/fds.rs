@@ -3,7 +3,7 @@
 #![allow(unsafe_code)]
 
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -106,14 +106,14 @@ impl Inherited {
                 })?,
                 None => 1,
             };
-        } else if let Some(count) = systemd_fd_count()? {
-            let names = env("LISTEN_FDNAMES").unwrap_or_default();
-            let mut names = names.split(':');
-            for fd in FIRST_CHILD_FD..FIRST_CHILD_FD + count {
-                let label = names
-                    .next()
-                    .filter(|n| !n.is_empty())
-                    .map_or_else(|| format!("systemd:{fd}"), str::to_owned);
+        } else {
+            // Socket activation; sd-notify checks LISTEN_PID and sets close-on-exec.
+            let activated = sd_notify::listen_fds_with_names().map_err(|e| FdError::BadEnv {
+                var: "LISTEN_FDS",
+                value: format!("{} ({e})", env("LISTEN_FDS").unwrap_or_default()),
+            })?;
+            for (fd, name) in activated {
+                let label = format!("systemd:{name}");
                 let owned = claim(fd, "LISTEN_FDS")?;
                 inherited.listeners.push((label.clone(), tcp_listener(fd, label, owned)?));
             }
@@ -144,24 +144,6 @@ fn parse_pairs(var: &'static str, value: &str) -> Result<Vec<(RawFd, String)>, F
             Ok((fd.parse().map_err(|_| bad())?, label.to_owned()))
         })
         .collect()
-}
-
-/// `LISTEN_FDS` when `LISTEN_PID` is this process, as sd_listen_fds(3) specifies.
-fn systemd_fd_count() -> Result<Option<RawFd>, FdError> {
-    let Some(pid) = env("LISTEN_PID") else {
-        return Ok(None);
-    };
-    if pid.parse::<u32>().ok() != Some(std::process::id()) {
-        return Ok(None);
-    }
-    let Some(count) = env("LISTEN_FDS") else {
-        return Ok(None);
-    };
-    let count = count.parse::<RawFd>().map_err(|_| FdError::BadEnv {
-        var: "LISTEN_FDS",
-        value: count,
-    })?;
-    Ok(Some(count))
 }
 
 /// Takes ownership of inherited fd `fd` and marks it close-on-exec, so it never leaks
@@ -283,11 +265,6 @@ impl ChildFds {
         });
         child_fd
     }
-}
-
-/// Borrows a listener's fd for [`ChildFds::new`].
-pub fn borrow(listener: &impl AsFd) -> BorrowedFd<'_> {
-    listener.as_fd()
 }
 
 #[cfg(test)]

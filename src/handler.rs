@@ -17,7 +17,7 @@ pub enum HandlerError {
 }
 
 /// What the operator sees about the handler in logs, `gem check` and `gem status`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HandlerInfo {
     /// Plugin or handler name.
     pub name: String,

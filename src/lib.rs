@@ -11,6 +11,7 @@
 //! - [`server`]: the accept loop and per-connection HTTP/1 + HTTP/2 serving.
 //! - [`drain`]: the drain state machine used by shutdown and by the old side of a restart.
 //! - [`fds`]: inherited and handed-over sockets (gem's own handover and systemd's).
+//! - [`control`]: the control socket: `reload`, `stop`, `status` with their outcome.
 //! - [`upgrade`]: restart: start the new process, wait for ready, roll back on failure.
 //! - `lifecycle`: one process's event loop: signals to actions, upgrade, drain.
 //! - `builder`: the library API: [`Server::builder`], [`ServerConfig`].
@@ -18,6 +19,7 @@
 
 mod builder;
 pub mod config;
+pub mod control;
 pub mod drain;
 pub mod error;
 pub mod fds;

@@ -3,6 +3,9 @@
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+
+mod client;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
@@ -27,7 +30,36 @@ enum Command {
     /// Serve HTTP until a shutdown signal; SIGHUP (by default) upgrades in place.
     Serve(ServeArgs),
     /// Validate the config and load the plugin, print the effective settings, serve nothing.
-    Check(ConfigArgs),
+    Check(ServeArgs),
+    /// Upgrade the running server and wait for the outcome (exit 0 upgraded, 1 failed,
+    /// 2 no server answered).
+    Reload(ClientArgs),
+    /// Drain the running server and wait for it to exit.
+    Stop(ClientArgs),
+    /// Show the running server's pid, generation, plugin, load and last upgrade.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+struct ClientArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// How long to wait for the outcome [default: upgrade_timeout or wait_timeout, plus 10s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    timeout: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Print the status as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    gem::config::parse_duration(text)
 }
 
 #[derive(Debug, Args)]
@@ -56,6 +88,9 @@ struct ServeArgs {
     /// Where the serving process writes its pid.
     #[arg(long, value_name = "FILE")]
     pid_file: Option<PathBuf>,
+    /// The control socket for gem reload / stop / status.
+    #[arg(long, value_name = "FILE")]
+    control_socket: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -66,7 +101,7 @@ impl ServeArgs {
             wait_timeout: self.wait_timeout.clone(),
             upgrade_timeout: self.upgrade_timeout.clone(),
             pid_file: self.pid_file.clone(),
-            control_socket: None,
+            control_socket: self.control_socket.clone(),
         }
     }
 }
@@ -74,16 +109,25 @@ impl ServeArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
-    let result = match cli.command {
+    let result: anyhow::Result<ExitCode> = (|| match cli.command {
         Command::Serve(args) => serve(&args),
         Command::Check(args) => check(&args),
-    };
+        Command::Reload(args) => client::reload(&args.config.load()?, args.timeout),
+        Command::Stop(args) => client::stop(&args.config.load()?, args.timeout),
+        Command::Status(args) => client::status(&args.config.load()?, args.json),
+    })();
     match result {
         Ok(code) => code,
         Err(err) => {
             error!("{err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+impl ConfigArgs {
+    fn load(&self) -> anyhow::Result<Config> {
+        Ok(Config::load(self.config.as_deref(), &Overrides::default())?)
     }
 }
 
@@ -126,8 +170,8 @@ fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn check(args: &ConfigArgs) -> anyhow::Result<ExitCode> {
-    let config = Config::load(args.config.as_deref(), &Overrides::default())?;
+fn check(args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load(args.config.config.as_deref(), &args.overrides())?;
     let handler = gem::check(&config)?;
     print!("{}", config.describe(&handler));
     Ok(ExitCode::SUCCESS)

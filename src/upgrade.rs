@@ -105,6 +105,19 @@ pub enum UpgradeError {
     Io(#[from] std::io::Error),
 }
 
+impl UpgradeError {
+    /// The child's pid, if one was started.
+    pub fn pid(&self) -> Option<u32> {
+        match self {
+            UpgradeError::ChildFailed { pid, .. }
+            | UpgradeError::ChildExited { pid, .. }
+            | UpgradeError::Timeout { pid, .. }
+            | UpgradeError::Cancelled { pid } => Some(*pid),
+            UpgradeError::Spawn { .. } | UpgradeError::Io(_) => None,
+        }
+    }
+}
+
 /// A child that reported ready and now serves.
 #[derive(Debug)]
 pub struct Upgraded {
@@ -116,9 +129,9 @@ pub struct Upgraded {
 }
 
 impl Upgraded {
-    /// Hands the new process a restart request that arrived during the upgrade.
-    pub async fn forward_restart(&mut self) -> std::io::Result<()> {
-        self.channel.write_all(b"restart\n").await
+    /// Sends the new process one message.
+    pub async fn send(&mut self, msg: &FromParent) -> std::io::Result<()> {
+        self.channel.write_all(msg.line().as_bytes()).await
     }
 }
 
@@ -262,8 +275,94 @@ impl ReadyChannel {
     }
 }
 
-/// Resolves to `true` when the parent forwards a restart; `false` when it is gone.
-pub async fn next_forwarded_restart(channel: &mut BufReader<UnixStream>) -> bool {
-    let mut line = String::new();
-    matches!(channel.read_line(&mut line).await, Ok(n) if n > 0 && line.trim() == "restart")
+/// A line the old process sends the new one after the handover.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FromParent {
+    /// A restart request that arrived during the upgrade.
+    Restart,
+    /// An older generation is still draining with this many connections open.
+    Draining {
+        /// Its pid.
+        pid: u32,
+        /// Its open connections.
+        connections: usize,
+    },
+    /// An older generation finished draining.
+    Drained {
+        /// Its pid.
+        pid: u32,
+    },
+}
+
+impl FromParent {
+    /// The wire form, one line.
+    pub fn line(&self) -> String {
+        match self {
+            FromParent::Restart => "restart\n".to_owned(),
+            FromParent::Draining { pid, connections } => format!("draining {pid} {connections}\n"),
+            FromParent::Drained { pid } => format!("drained {pid}\n"),
+        }
+    }
+
+    fn parse(line: &str) -> Option<FromParent> {
+        let mut words = line.split_whitespace();
+        let msg = match (words.next()?, words.next(), words.next()) {
+            ("restart", None, None) => FromParent::Restart,
+            ("draining", Some(pid), Some(n)) => FromParent::Draining {
+                pid: pid.parse().ok()?,
+                connections: n.parse().ok()?,
+            },
+            ("drained", Some(pid), None) => FromParent::Drained {
+                pid: pid.parse().ok()?,
+            },
+            _ => return None,
+        };
+        Some(msg)
+    }
+}
+
+/// The next message from the old process; `None` once it has gone. Unknown lines are
+/// skipped.
+pub async fn from_parent(channel: &mut BufReader<UnixStream>) -> Option<FromParent> {
+    loop {
+        let mut line = String::new();
+        match channel.read_line(&mut line).await {
+            Ok(n) if n > 0 => {
+                if let Some(msg) = FromParent::parse(&line) {
+                    return Some(msg);
+                }
+            }
+            _ => return None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parent_messages_round_trip() {
+        for msg in [
+            FromParent::Restart,
+            FromParent::Draining {
+                pid: 12,
+                connections: 3,
+            },
+            FromParent::Drained { pid: 12 },
+        ] {
+            assert_eq!(FromParent::parse(&msg.line()), Some(msg));
+        }
+        assert_eq!(FromParent::parse("draining x 1"), None);
+    }
+
+    #[test]
+    fn child_reports_parse() {
+        assert!(parse_report(5, "ready 5").is_ok());
+        let err = parse_report(5, "error plugin /x.so was built for ABI 2").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "new process 5 failed to start: plugin /x.so was built for ABI 2"
+        );
+    }
 }

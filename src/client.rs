@@ -1,0 +1,156 @@
+//! `gem reload`, `gem stop` and `gem status`: control-socket clients that print the
+//! outcome and turn it into an exit code.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use gem::Config;
+use gem::control::{self, ClientError, Command, Reply, ReplyBody, Status};
+
+/// Exit code when no server answers.
+const UNREACHABLE: u8 = 2;
+
+fn socket(config: &Config) -> anyhow::Result<&Path> {
+    config
+        .control_socket
+        .as_deref()
+        .context("no control_socket is configured")
+}
+
+fn ask(path: &Path, cmd: Command, timeout: Duration) -> Result<Reply, ClientError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| ClientError::Unreachable {
+            path: path.to_owned(),
+            source,
+        })?
+        .block_on(control::call(path, cmd, timeout))
+}
+
+/// Prints why nobody answered and returns exit code 2.
+fn unreachable(err: &ClientError) -> ExitCode {
+    eprintln!("{err}");
+    ExitCode::from(UNREACHABLE)
+}
+
+pub fn reload(config: &Config, timeout: Option<Duration>) -> anyhow::Result<ExitCode> {
+    let path = socket(config)?;
+    let deadline = Instant::now() + timeout.unwrap_or(config.upgrade_timeout + Duration::from_secs(10));
+    let mut reply = match ask(path, Command::Reload, remaining(deadline)) {
+        Ok(reply) => reply,
+        Err(err) => return Ok(unreachable(&err)),
+    };
+    // Coalesced into a follow-up that the new process runs: ask it for the outcome.
+    while let ReplyBody::Forwarded { generation, .. } = reply.body {
+        reply = loop {
+            match ask(path, Command::WaitUpgrade { generation }, remaining(deadline)) {
+                Ok(reply) => break reply,
+                Err(ClientError::Unreachable { .. }) if Instant::now() < deadline => {
+                    // The control socket is between generations for a moment.
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(err) => return Ok(unreachable(&err)),
+            }
+        };
+    }
+    Ok(match reply.body {
+        ReplyBody::Upgraded(u) => {
+            let ms = u.ms.map_or_else(String::new, |ms| format!(" in {ms} ms"));
+            println!(
+                "upgraded: pid {} -> {} (generation {}){ms}",
+                u.from, u.to, u.generation
+            );
+            ExitCode::SUCCESS
+        }
+        ReplyBody::Failed { reason, pid } => {
+            println!("upgrade failed: {reason}; pid {pid} still serving");
+            ExitCode::FAILURE
+        }
+        other => anyhow::bail!("unexpected answer to reload: {other:?}"),
+    })
+}
+
+pub fn stop(config: &Config, timeout: Option<Duration>) -> anyhow::Result<ExitCode> {
+    let path = socket(config)?;
+    let deadline = Instant::now() + timeout.unwrap_or(config.wait_timeout + Duration::from_secs(10));
+    let reply = match ask(path, Command::Stop, remaining(deadline)) {
+        Ok(reply) => reply,
+        Err(err) => return Ok(unreachable(&err)),
+    };
+    let ReplyBody::Stopped { pid, cut } = reply.body else {
+        anyhow::bail!("unexpected answer to stop: {:?}", reply.body);
+    };
+    while alive(pid) {
+        if Instant::now() >= deadline {
+            anyhow::bail!("pid {pid} drained but has not exited yet");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    match cut {
+        0 => println!("stopped: pid {pid} drained cleanly"),
+        n => println!("stopped: pid {pid}; {n} connections were cut at wait_timeout"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn status(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
+    let path = socket(config)?;
+    let reply = match ask(path, Command::Status, Duration::from_secs(5)) {
+        Ok(reply) => reply,
+        Err(err) => return Ok(unreachable(&err)),
+    };
+    let ReplyBody::Status(status) = reply.body else {
+        anyhow::bail!("unexpected answer to status: {:?}", reply.body);
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", describe(&status));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn describe(s: &Status) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let uptime = humantime::format_duration(Duration::from_secs(s.uptime_ms / 1000));
+    let _ = writeln!(out, "pid:          {} (generation {}, up {uptime})", s.pid, s.generation);
+    let _ = writeln!(out, "listen:       {}", s.listen.join(", "));
+    let p = &s.plugin;
+    let abi = p.abi.map_or("-".into(), |a| a.to_string());
+    let _ = writeln!(out, "plugin:       {} {} (ABI {abi})", p.name, p.version);
+    if let Some(sha) = &p.sha256 {
+        let _ = writeln!(out, "sha256:       {sha}");
+    }
+    let _ = writeln!(out, "in flight:    {} requests on {} connections", s.in_flight, s.connections);
+    match &s.last_upgrade {
+        Some(u) if u.reason.is_empty() => {
+            let _ = writeln!(out, "last upgrade: {} at {} ms since epoch", u.result, u.at_unix_ms);
+        }
+        Some(u) => {
+            let _ = writeln!(out, "last upgrade: {} at {} ms since epoch: {}", u.result, u.at_unix_ms, u.reason);
+        }
+        None => {
+            let _ = writeln!(out, "last upgrade: none by this process");
+        }
+    }
+    for d in &s.draining {
+        let _ = writeln!(out, "draining:     pid {} with {} connections", d.pid, d.connections);
+    }
+    out
+}
+
+fn remaining(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    })
+}

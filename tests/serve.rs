@@ -1,0 +1,194 @@
+//! Serving from a plugin: protocols, the handler's failure modes, request limits, bad
+//! plugins and bad config.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+use common::client::{self, get, get_h2, post};
+use common::{Gem, Spec, plugin, run_gem};
+
+#[test]
+fn hello_over_http1_and_http2() {
+    let gem = Gem::start(Spec::new("hello", ""));
+    let r = get(gem.addr, "/").unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "Hello world."));
+    assert_eq!(r.version, http::Version::HTTP_11);
+    let r = get_h2(gem.addr, "/").unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "Hello world."));
+    assert_eq!(r.version, http::Version::HTTP_2);
+    assert!(gem.count_log("handler hello 0.1.0 (plugin ABI 1)") == 1);
+}
+
+#[test]
+fn a_panicking_handler_is_a_500_and_the_next_request_is_fine() {
+    let mut gem = Gem::start(Spec::new("hello", ""));
+    let pid = gem.pid();
+    let r = get(gem.addr, "/panic").unwrap();
+    assert_eq!(r.status, 500);
+    gem.wait_log("handler panicked");
+    let r = get(gem.addr, "/").unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "Hello world."));
+    assert_eq!(gem.pid(), pid);
+    assert!(common::alive(pid));
+}
+
+#[test]
+fn invalid_handler_output_is_a_500_with_a_log_line() {
+    let gem = Gem::start(Spec::new("hello", ""));
+    assert_eq!(get(gem.addr, "/bad-status").unwrap().status, 500);
+    gem.wait_log("status 1000 is not valid");
+    assert_eq!(get(gem.addr, "/bad-header").unwrap().status, 500);
+    gem.wait_log("is not valid");
+    assert_eq!(get(gem.addr, "/").unwrap().status, 200);
+}
+
+#[test]
+fn bodies_over_the_limit_get_413_and_smaller_ones_echo_intact() {
+    let gem = Gem::start(Spec::new("hello", ""));
+    let big = vec![b'x'; 2 * 1024 * 1024];
+    assert_eq!(post(gem.addr, "/echo", big).unwrap().status, 413);
+    let body: Vec<u8> = (0..100 * 1024).map(|i| (i % 251) as u8).collect();
+    let r = post(gem.addr, "/echo", body.clone()).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.as_ref(), body.as_slice());
+}
+
+#[test]
+fn a_slow_handler_does_not_stall_other_requests() {
+    let gem = Gem::start(Spec::new("hello", ""));
+    // More sleepers than the runtime has worker threads.
+    let sleepers: Vec<_> = (0..8)
+        .map(|_| client::spawn_get(gem.addr, "/sleep?ms=4000"))
+        .collect();
+    common::wait_for("the sleepers to be in flight", || {
+        (gem.in_flight() >= 8).then_some(())
+    });
+    for _ in 0..5 {
+        let r = get(gem.addr, "/").unwrap();
+        assert_eq!(r.status, 200);
+    }
+    assert!(
+        sleepers.iter().all(|s| !s.is_finished()),
+        "fast requests were answered while the slow ones still ran"
+    );
+    for s in sleepers {
+        assert_eq!(s.join().unwrap().unwrap().status, 200);
+    }
+}
+
+#[test]
+fn malformed_and_oversized_requests_are_refused_and_serving_goes_on() {
+    let gem = Gem::start(Spec::new("hello", "max_header_size = \"8KiB\""));
+    let mut raw = TcpStream::connect(gem.addr).unwrap();
+    raw.write_all(b"NOT HTTP AT ALL\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    raw.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+
+    let mut raw = TcpStream::connect(gem.addr).unwrap();
+    let huge = "a".repeat(16 * 1024);
+    write!(raw, "GET / HTTP/1.1\r\nhost: x\r\nx-big: {huge}\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    let _ = raw.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+
+    assert_eq!(get(gem.addr, "/").unwrap().status, 200);
+}
+
+#[test]
+fn overwriting_the_loaded_so_in_place_does_not_disturb_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let so = dir.path().join("handler.so");
+    std::fs::copy(plugin("hello"), &so).unwrap();
+    let gem = Gem::start(Spec {
+        toml: format!("listen = [\"127.0.0.1:0\"]\nhandler = {so:?}\n"),
+        args: Vec::new(),
+        env: Vec::new(),
+    });
+    assert_eq!(get(gem.addr, "/").unwrap().text(), "Hello world.");
+    let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&so).unwrap());
+    // std::fs::copy truncates and rewrites the same file: the `cp` case.
+    std::fs::copy(plugin("upgraded"), &so).unwrap();
+    let inode_after = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&so).unwrap());
+    assert_eq!(inode, inode_after, "the test must overwrite in place");
+    for _ in 0..20 {
+        let r = get(gem.addr, "/").unwrap();
+        assert_eq!((r.status, r.text().as_str()), (200, "Hello world."));
+    }
+}
+
+fn serve_fails_with(handler: &std::path::Path) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("gem.toml"),
+        format!("listen = [\"127.0.0.1:0\"]\nhandler = {handler:?}\n"),
+    )
+    .unwrap();
+    let (status, _, stderr) = run_gem(dir.path(), &["serve"], &[]);
+    assert!(!status.success(), "gem served with {}", handler.display());
+    assert!(!stderr.contains("Server started"), "{stderr}");
+    stderr
+}
+
+#[test]
+fn bad_plugins_refuse_to_start_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.so");
+    std::fs::write(&garbage, b"this is not an ELF file").unwrap();
+    let err = serve_fails_with(&garbage);
+    assert!(err.contains(&garbage.display().to_string()), "{err}");
+
+    let missing = dir.path().join("missing.so");
+    let err = serve_fails_with(&missing);
+    assert!(err.contains(&missing.display().to_string()), "{err}");
+
+    let wrong_abi = plugin("abi-v2");
+    let err = serve_fails_with(&wrong_abi);
+    assert!(err.contains(&wrong_abi.display().to_string()), "{err}");
+    assert!(err.contains("ABI 2") && err.contains("ABI 1"), "{err}");
+}
+
+#[test]
+fn config_errors_name_the_culprit() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = dir.path().join("gem.toml");
+
+    std::fs::write(&toml, "listen = [\"127.0.0.1:0\"]\nwait_timout = \"1s\"\n").unwrap();
+    let (status, _, err) = run_gem(dir.path(), &["serve"], &[]);
+    assert!(!status.success());
+    assert!(err.contains("wait_timout") && err.contains("gem.toml"), "{err}");
+
+    std::fs::write(&toml, "wait_timeout = \"a while\"\n").unwrap();
+    let (status, _, err) = run_gem(dir.path(), &["serve"], &[]);
+    assert!(!status.success());
+    assert!(err.contains("wait_timeout") && err.contains("\"a while\""), "{err}");
+
+    let (status, _, err) = run_gem(dir.path(), &["serve", "--config", "nope.toml"], &[]);
+    assert!(!status.success());
+    assert!(err.contains("config file nope.toml does not exist"), "{err}");
+}
+
+#[test]
+fn env_overrides_the_file_and_the_flag_overrides_the_env() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("gem.toml"),
+        format!("wait_timeout = \"20s\"\nhandler = {:?}\n", plugin("hello")),
+    )
+    .unwrap();
+    let line = |args: &[&str], env: &[(&str, &str)]| {
+        let (status, out, err) = run_gem(dir.path(), args, env);
+        assert!(status.success(), "{err}");
+        out.lines()
+            .find(|l| l.starts_with("wait_timeout:"))
+            .unwrap()
+            .to_owned()
+    };
+    assert!(line(&["check"], &[]).ends_with(" 20s"));
+    let env = [("GEM_WAIT_TIMEOUT", "7s")];
+    assert!(line(&["check"], &env).ends_with(" 7s"));
+    assert!(line(&["check", "--wait-timeout", "3s"], &env).ends_with(" 3s"));
+}
