@@ -1,1 +1,367 @@
-//! placeholder
+//! Loads a handler `.so`: reads a private copy into a sealed memfd, dlopens that, checks
+//! the ABI handshake before touching anything else, and calls the plugin panic-safely.
+#![allow(unsafe_code)]
+
+use std::io::Write as _;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use gem_plugin::abi::{
+    ABI_VERSION, ABI_VERSION_SYMBOL, ENTRY_SYMBOL, PluginDescriptor, RawHeader, RawRequest,
+    RawResponse, RawStr,
+};
+use libloading::Library;
+use sha2::{Digest, Sha256};
+
+use crate::handler::{Handler, HandlerError, HandlerInfo, Request, Response};
+
+/// Why a plugin could not be loaded. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    /// The file could not be read (missing, unreadable).
+    #[error("cannot read plugin {}: {source}", path.display())]
+    Read {
+        /// The plugin file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The private in-memory copy could not be made.
+    #[error("cannot copy plugin {} into memory: {reason}", path.display())]
+    Copy {
+        /// The plugin file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The dynamic loader refused the file (not ELF, wrong architecture, corrupt).
+    #[error("cannot load plugin {}: {source}", path.display())]
+    Open {
+        /// The plugin file.
+        path: PathBuf,
+        /// The loader's message.
+        source: libloading::Error,
+    },
+    /// A shared library, but not a gem plugin.
+    #[error("{} is not a gem plugin: it has no `{ABI_VERSION_SYMBOL}` symbol", path.display())]
+    NotAPlugin {
+        /// The plugin file.
+        path: PathBuf,
+    },
+    /// Built for another plugin ABI.
+    #[error(
+        "plugin {} was built for gem plugin ABI {plugin}, but this gem speaks ABI {host}; rebuild it against gem-plugin {host}.x",
+        path.display()
+    )]
+    AbiMismatch {
+        /// The plugin file.
+        path: PathBuf,
+        /// The plugin's ABI.
+        plugin: u32,
+        /// This host's ABI.
+        host: u32,
+    },
+    /// The descriptor is malformed.
+    #[error("plugin {} has a bad descriptor: {reason}", path.display())]
+    BadDescriptor {
+        /// The plugin file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The plugin's `init` reported an error.
+    #[error("plugin {} failed to initialise: {message}", path.display())]
+    Init {
+        /// The plugin file.
+        path: PathBuf,
+        /// The plugin's message.
+        message: String,
+    },
+}
+
+/// A loaded plugin. The library is never unloaded: the descriptor and the code it points
+/// to stay valid for the life of the process.
+#[derive(Debug)]
+pub struct LoadedPlugin {
+    descriptor: &'static PluginDescriptor,
+    info: HandlerInfo,
+}
+
+impl LoadedPlugin {
+    /// Loads the plugin at `path` through the full handshake and runs its `init`.
+    pub fn load(path: &Path) -> Result<LoadedPlugin, PluginError> {
+        let path = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+        let bytes = std::fs::read(&path).map_err(|source| PluginError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let sha256: String = Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let library = open_private_copy(&path, &bytes)?;
+        let descriptor = handshake(&path, library)?;
+        // SAFETY: both strings are static data of the never-unloaded library.
+        let (name, version) = unsafe { (descriptor.name.as_bytes(), descriptor.version.as_bytes()) };
+        let text = |bytes: &[u8], what: &str| {
+            String::from_utf8(bytes.to_vec()).map_err(|_| PluginError::BadDescriptor {
+                path: path.clone(),
+                reason: format!("its {what} is not UTF-8"),
+            })
+        };
+        let info = HandlerInfo {
+            name: text(name, "name")?,
+            version: text(version, "version")?,
+            abi: Some(descriptor.abi_version),
+            sha256: Some(sha256),
+            path: Some(path.clone()),
+        };
+        // SAFETY: the handshake checked the descriptor; `init` is called once, first.
+        let error = unsafe { (descriptor.init)() };
+        // SAFETY: an init error message stays valid for the life of the process.
+        let message = unsafe { error.as_bytes() };
+        if !message.is_empty() {
+            return Err(PluginError::Init {
+                path,
+                message: String::from_utf8_lossy(message).into_owned(),
+            });
+        }
+        Ok(LoadedPlugin { descriptor, info })
+    }
+}
+
+/// dlopens a sealed in-memory copy of `bytes`, so that rewriting the user's file in
+/// place can never change the code this process runs. The memfd and the library are
+/// leaked on purpose: never closing the fd also keeps its `/proc/self/fd/N` name unique,
+/// so the dynamic loader can never mistake a later plugin for this one.
+fn open_private_copy(path: &Path, bytes: &[u8]) -> Result<&'static Library, PluginError> {
+    let copy_err = |reason: String| PluginError::Copy {
+        path: path.to_owned(),
+        reason,
+    };
+    let memfd = memfd::MemfdOptions::new()
+        .allow_sealing(true)
+        .close_on_exec(true)
+        .create("gem-plugin")
+        .map_err(|e| copy_err(e.to_string()))?;
+    let mut file = memfd.into_file();
+    file.write_all(bytes).map_err(|e| copy_err(e.to_string()))?;
+    let memfd = memfd::Memfd::try_from_file(file)
+        .map_err(|_| copy_err("the copy is not a memfd".into()))?;
+    memfd
+        .add_seals(&[
+            memfd::FileSeal::SealShrink,
+            memfd::FileSeal::SealGrow,
+            memfd::FileSeal::SealWrite,
+            memfd::FileSeal::SealSeal,
+        ])
+        .map_err(|e| copy_err(e.to_string()))?;
+    let fd_path = format!("/proc/self/fd/{}", memfd.as_raw_fd());
+    // SAFETY: loading runs the library's initialisers. A gem plugin is trusted code by
+    // design (it serves every request); this is the one point where it starts running.
+    let library = unsafe { Library::new(&fd_path) }.map_err(|source| PluginError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    std::mem::forget(memfd);
+    Ok(Box::leak(Box::new(library)))
+}
+
+/// The ABI handshake: the version symbol first, then the entry point and the descriptor.
+fn handshake(
+    path: &Path,
+    library: &'static Library,
+) -> Result<&'static PluginDescriptor, PluginError> {
+    let bad = |reason: &str| PluginError::BadDescriptor {
+        path: path.to_owned(),
+        reason: reason.to_owned(),
+    };
+    // SAFETY: every gem plugin ABI exports this symbol with exactly this signature.
+    let version = unsafe { library.get::<unsafe extern "C" fn() -> u32>(ABI_VERSION_SYMBOL) }
+        .map_err(|_| PluginError::NotAPlugin {
+            path: path.to_owned(),
+        })?;
+    // SAFETY: the signature matches, as above; the function takes no input.
+    let plugin_abi = unsafe { version() };
+    if plugin_abi != ABI_VERSION {
+        return Err(PluginError::AbiMismatch {
+            path: path.to_owned(),
+            plugin: plugin_abi,
+            host: ABI_VERSION,
+        });
+    }
+    // SAFETY: a plugin of ABI 1 exports the entry point with this signature.
+    let entry = unsafe {
+        library.get::<unsafe extern "C" fn() -> *const PluginDescriptor>(ENTRY_SYMBOL)
+    }
+    .map_err(|_| bad(&format!("the `{ENTRY_SYMBOL}` symbol is missing")))?;
+    // SAFETY: as above; the entry point only returns a pointer to a static.
+    let descriptor = unsafe { entry() };
+    if descriptor.is_null() {
+        return Err(bad("the entry point returned null"));
+    }
+    let size = u32::try_from(std::mem::size_of::<PluginDescriptor>()).unwrap_or(u32::MAX);
+    // SAFETY: non-null, and a static of the never-unloaded library. Only the two
+    // leading u32 fields are read before the size is known to match.
+    let (abi, struct_size) = unsafe { ((*descriptor).abi_version, (*descriptor).struct_size) };
+    if abi != ABI_VERSION || struct_size != size {
+        return Err(bad(&format!(
+            "it says ABI {abi} with a {struct_size}-byte descriptor; expected ABI {ABI_VERSION}, {size} bytes"
+        )));
+    }
+    // SAFETY: checked above: the layout matches this host's, and it lives forever.
+    Ok(unsafe { &*descriptor })
+}
+
+impl Handler for LoadedPlugin {
+    fn handle(&self, req: &Request<'_>) -> Result<Response, HandlerError> {
+        let headers: Vec<RawHeader> = req
+            .headers()
+            .iter()
+            .map(|(n, v)| RawHeader {
+                name: RawStr::from_bytes(n.as_bytes()),
+                value: RawStr::from_bytes(v),
+            })
+            .collect();
+        let raw = RawRequest {
+            method: RawStr::from_bytes(req.method().as_bytes()),
+            target: RawStr::from_bytes(req.target().as_bytes()),
+            headers: headers.as_ptr(),
+            headers_len: headers.len(),
+            body: RawStr::from_bytes(req.body()),
+        };
+        let mut resp = RawResponse {
+            status: 0,
+            headers: std::ptr::null(),
+            headers_len: 0,
+            body: RawStr::EMPTY,
+            error: RawStr::EMPTY,
+            owner: std::ptr::null_mut(),
+        };
+        // SAFETY: `raw` and everything it borrows outlive the call; `resp` is writable.
+        // The SDK catches panics, so nothing unwinds across the boundary.
+        unsafe { (self.descriptor.handle)(&raw, &mut resp) };
+        let result = copy_response(&resp);
+        // SAFETY: `resp` was filled by this plugin's `handle` and is freed once.
+        unsafe { (self.descriptor.free_response)(&mut resp) };
+        result
+    }
+
+    fn has_signal_hook(&self) -> bool {
+        self.descriptor.on_signal.is_some()
+    }
+
+    fn on_signal(&self, signo: i32) {
+        if let Some(hook) = self.descriptor.on_signal {
+            // SAFETY: the hook takes a plain integer; the SDK catches panics.
+            unsafe { hook(signo) };
+        }
+    }
+
+    fn info(&self) -> HandlerInfo {
+        self.info.clone()
+    }
+}
+
+/// Copies a plugin's response into host-owned memory.
+fn copy_response(resp: &RawResponse) -> Result<Response, HandlerError> {
+    // SAFETY (for every `as_bytes` below): the plugin keeps the response's memory alive
+    // until `free_response`, which the caller runs only after this returns.
+    if resp.status == 0 {
+        let message = unsafe { resp.error.as_bytes() };
+        return Err(HandlerError::Panicked(
+            String::from_utf8_lossy(message).into_owned(),
+        ));
+    }
+    let raw_headers = match resp.headers.is_null() {
+        true => &[][..],
+        // SAFETY: `headers_len` headers at `headers`, alive as above.
+        false => unsafe { std::slice::from_raw_parts(resp.headers, resp.headers_len) },
+    };
+    let text = |bytes: &[u8]| {
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| HandlerError::Invalid("a header is not UTF-8".into()))
+    };
+    let mut headers = Vec::with_capacity(raw_headers.len());
+    for h in raw_headers {
+        let (name, value) = unsafe { (h.name.as_bytes(), h.value.as_bytes()) };
+        headers.push((text(name)?, text(value)?));
+    }
+    Ok(Response {
+        status: resp.status,
+        headers,
+        body: unsafe { resp.body.as_bytes() }.to_vec(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Once;
+
+    /// The workspace's debug plugins, built once for these tests.
+    fn built(name: &str) -> PathBuf {
+        static BUILD: Once = Once::new();
+        BUILD.call_once(|| {
+            let status = std::process::Command::new(env!("CARGO"))
+                .args(["build", "-p", "hello", "-p", "upgraded", "-p", "abi-v2"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .expect("cargo build");
+            assert!(status.success());
+        });
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+        target.join("debug").join(format!("lib{name}.so"))
+    }
+
+    fn get(plugin: &LoadedPlugin, target: &str) -> Result<Response, HandlerError> {
+        plugin.handle(&Request::new("GET", target, vec![("host", b"x")], b""))
+    }
+
+    #[test]
+    fn hello_answers_and_survives_its_own_panic() {
+        let plugin = LoadedPlugin::load(&built("hello")).unwrap();
+        let info = plugin.info();
+        assert_eq!((info.name.as_str(), info.abi), ("hello", Some(ABI_VERSION)));
+        assert_eq!(info.sha256.as_ref().map(String::len), Some(64));
+        assert!(plugin.has_signal_hook());
+        assert_eq!(get(&plugin, "/").unwrap().body, b"Hello world.");
+        let err = get(&plugin, "/panic").unwrap_err();
+        assert!(matches!(&err, HandlerError::Panicked(m) if m.contains("on purpose")), "{err}");
+        assert_eq!(get(&plugin, "/").unwrap().status, 200);
+        let echo = plugin
+            .handle(&Request::new("POST", "/echo", Vec::new(), b"ping"))
+            .unwrap();
+        assert_eq!(echo.body, b"ping");
+    }
+
+    #[test]
+    fn overwriting_the_file_in_place_does_not_touch_the_loaded_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let so = dir.path().join("handler.so");
+        std::fs::copy(built("hello"), &so).unwrap();
+        let plugin = LoadedPlugin::load(&so).unwrap();
+        std::fs::write(&so, b"garbage over the same inode").unwrap();
+        assert_eq!(get(&plugin, "/").unwrap().body, b"Hello world.");
+    }
+
+    #[test]
+    fn bad_files_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let garbage = dir.path().join("garbage.so");
+        std::fs::write(&garbage, b"not an ELF file").unwrap();
+        let err = LoadedPlugin::load(&garbage).unwrap_err().to_string();
+        assert!(err.starts_with(&format!("cannot load plugin {}", garbage.display())), "{err}");
+
+        let missing = dir.path().join("missing.so");
+        let err = LoadedPlugin::load(&missing).unwrap_err().to_string();
+        assert!(err.starts_with(&format!("cannot read plugin {}", missing.display())), "{err}");
+
+        let v2 = built("abi_v2");
+        let err = LoadedPlugin::load(&v2).unwrap_err().to_string();
+        assert!(err.contains(&v2.display().to_string()), "{err}");
+        assert!(err.contains("ABI 2, but this gem speaks ABI 1"), "{err}");
+    }
+}

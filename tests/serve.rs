@@ -103,11 +103,7 @@ fn overwriting_the_loaded_so_in_place_does_not_disturb_serving() {
     let dir = tempfile::tempdir().unwrap();
     let so = dir.path().join("handler.so");
     std::fs::copy(plugin("hello"), &so).unwrap();
-    let gem = Gem::start(Spec {
-        toml: format!("listen = [\"127.0.0.1:0\"]\nhandler = {so:?}\n"),
-        args: Vec::new(),
-        env: Vec::new(),
-    });
+    let gem = Gem::start(Spec::with_so(&so, ""));
     assert_eq!(get(gem.addr, "/").unwrap().text(), "Hello world.");
     let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&so).unwrap());
     // std::fs::copy truncates and rewrites the same file: the `cp` case.

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::client::{H1, block_on, spawn_get};
+use common::client::{H1, spawn_get};
 use common::{Gem, Signal, Spec};
 
 #[test]
@@ -75,8 +75,8 @@ fn wait_timeout_cuts_what_is_left_and_says_so() {
 fn a_busy_keep_alive_client_is_told_to_close_and_loses_nothing() {
     let mut gem = Gem::start(Spec::new("hello", "idle_grace = \"2s\""));
     let addr = gem.addr;
-    let mut conn = block_on(H1::connect(addr)).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut conn = rt.block_on(H1::connect(addr)).unwrap();
     assert_eq!(rt.block_on(conn.get("/")).unwrap().status, 200);
     gem.signal(Signal::TERM);
     gem.wait_log("shutting down the server(");

@@ -60,6 +60,8 @@ pub struct Gem {
 
 /// What to start.
 pub struct Spec {
+    /// The binary to run; the workspace's `gem` when `None`.
+    pub program: Option<PathBuf>,
     pub toml: String,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
@@ -75,7 +77,23 @@ impl Spec {
             ),
             args: Vec::new(),
             env: Vec::new(),
+            program: None,
         }
+    }
+
+    /// A config serving the `.so` at `so`, plus `extra` TOML lines.
+    pub fn with_so(so: &Path, extra: &str) -> Spec {
+        Spec {
+            toml: format!("listen = [\"127.0.0.1:0\"]\nhandler = {so:?}\n{extra}\n"),
+            args: Vec::new(),
+            env: Vec::new(),
+            program: None,
+        }
+    }
+
+    pub fn program(mut self, p: &Path) -> Spec {
+        self.program = Some(p.to_owned());
+        self
     }
 
     pub fn env(mut self, k: &str, v: &str) -> Spec {
@@ -117,7 +135,7 @@ impl Gem {
     pub fn spawn(spec: Spec) -> Gem {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("gem.toml"), &spec.toml).unwrap();
-        let mut child = Command::new(gem_bin())
+        let mut child = Command::new(spec.program.clone().unwrap_or_else(gem_bin))
             .arg("serve")
             .args(&spec.args)
             .current_dir(dir.path())
@@ -171,6 +189,18 @@ impl Gem {
     pub fn signal(&mut self, sig: Signal) {
         let pid = self.pid();
         signal_pid(pid, sig);
+    }
+
+    /// `gem status --json`, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        let (status, out, err) = run_gem(self.dir.path(), &["status", "--json"], &[]);
+        assert!(status.success(), "gem status failed: {err}");
+        serde_json::from_str(&out).unwrap()
+    }
+
+    /// Requests in flight in the serving generation.
+    pub fn in_flight(&self) -> u64 {
+        self.status()["in_flight"].as_u64().unwrap()
     }
 
     /// All stderr lines so far.

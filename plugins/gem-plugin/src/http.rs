@@ -31,6 +31,11 @@ impl<'a> Request<'a> {
         self.method
     }
 
+    /// The request target as sent: the path and the optional `?query`.
+    pub fn target(&self) -> &'a str {
+        self.target
+    }
+
     /// The path, without the query.
     pub fn path(&self) -> &'a str {
         self.target.split_once('?').map_or(self.target, |(p, _)| p)
@@ -108,5 +113,38 @@ impl Response {
     pub fn with_body(mut self, body: impl Into<Vec<u8>>) -> Self {
         self.body = body.into();
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_helpers_split_the_target_and_find_headers() {
+        let req = Request::new(
+            "GET",
+            "/sleep?ms=15&x&y=2",
+            vec![("Content-Type", b"text/plain"), ("x-a", b"1")],
+            b"body",
+        );
+        assert_eq!(req.path(), "/sleep");
+        assert_eq!(req.query(), Some("ms=15&x&y=2"));
+        assert_eq!(req.query_param("ms"), Some("15"));
+        assert_eq!(req.query_param("x"), Some(""));
+        assert_eq!(req.query_param("z"), None);
+        assert_eq!(req.header("content-type"), Some(&b"text/plain"[..]));
+        assert_eq!(req.header("missing"), None);
+        assert_eq!(req.body(), b"body");
+        let bare = Request::new("GET", "/", Vec::new(), b"");
+        assert_eq!((bare.path(), bare.query()), ("/", None));
+    }
+
+    #[test]
+    fn responses_build_up() {
+        let r = Response::text(201, "hi").with_header("x-a", "1");
+        assert_eq!(r.status, 201);
+        assert_eq!(r.body, b"hi");
+        assert!(r.headers.contains(&("x-a".to_owned(), "1".to_owned())));
     }
 }

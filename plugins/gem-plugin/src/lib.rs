@@ -1,6 +1,6 @@
 //! The SDK for gem handler plugins: implement [`Plugin`] and call [`export_plugin!`] once.
 //!
-//! ```ignore
+//! ```no_run
 //! use gem_plugin::{Plugin, Request, Response};
 //!
 //! struct Hello;
@@ -20,6 +20,9 @@
 //! Build it as a `cdylib`. The SDK has no dependencies: no tokio, no hyper.
 
 pub mod abi;
+#[doc(hidden)]
+#[path = "export.rs"]
+pub mod __export;
 mod http;
 
 pub use http::{Request, Response};

@@ -1,0 +1,226 @@
+//! What [`export_plugin!`](crate::export_plugin) expands to: the safe glue between the
+//! C ABI and a [`Plugin`](crate::Plugin). Not part of the public API.
+#![allow(unsafe_code)]
+
+use std::ffi::c_void;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::OnceLock;
+
+use crate::abi::{RawHeader, RawRequest, RawResponse, RawStr};
+use crate::{Plugin, Request, Response};
+
+/// The response data a `RawResponse` points into, owned by the plugin until
+/// `free_response`.
+struct Owned {
+    headers: Vec<(String, String)>,
+    raw_headers: Vec<RawHeader>,
+    body: Vec<u8>,
+    error: String,
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}
+
+/// `init`: builds the plugin once. Errors and panics become a message that lives forever
+/// (the plugin is never unloaded, and init runs once).
+pub fn init<T: Plugin>(cell: &'static OnceLock<T>) -> RawStr {
+    let message = match catch_unwind(T::init) {
+        Ok(Ok(plugin)) => {
+            let _ = cell.set(plugin);
+            return RawStr::EMPTY;
+        }
+        Ok(Err(message)) => message,
+        Err(payload) => format!("init panicked: {}", panic_message(payload.as_ref())),
+    };
+    let leaked: &'static str = Box::leak(message.into_boxed_str());
+    RawStr::from_bytes(leaked.as_bytes())
+}
+
+/// `handle`: runs the plugin on one request and fills `resp`.
+///
+/// # Safety
+///
+/// `req` must point to a valid `RawRequest` whose pointers are valid for the call, and
+/// `resp` to writable memory for a `RawResponse`.
+pub unsafe fn handle<T: Plugin>(
+    cell: &'static OnceLock<T>,
+    req: *const RawRequest,
+    resp: *mut RawResponse,
+) {
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        let plugin = cell
+            .get()
+            .ok_or_else(|| "handle was called before a successful init".to_owned())?;
+        // SAFETY: the caller guarantees `req` and everything it points to is valid now.
+        let req = unsafe { &*req };
+        // SAFETY: as above, for every borrowed string in the request.
+        let (method, target, body) =
+            unsafe { (req.method.as_bytes(), req.target.as_bytes(), req.body.as_bytes()) };
+        let (Ok(method), Ok(target)) = (std::str::from_utf8(method), std::str::from_utf8(target))
+        else {
+            return Ok(Response::text(400, "request method or target is not UTF-8\n"));
+        };
+        let raw_headers = match req.headers.is_null() {
+            true => &[][..],
+            // SAFETY: the caller guarantees `headers_len` valid headers at `headers`.
+            false => unsafe { std::slice::from_raw_parts(req.headers, req.headers_len) },
+        };
+        let headers = raw_headers
+            .iter()
+            .filter_map(|h| {
+                // SAFETY: header strings are valid for the call, as above.
+                let (name, value) = unsafe { (h.name.as_bytes(), h.value.as_bytes()) };
+                Some((std::str::from_utf8(name).ok()?, value))
+            })
+            .collect();
+        Ok(plugin.handle(&Request::new(method, target, headers, body)))
+    }));
+    let owned = match outcome {
+        Ok(Ok(response)) => Owned {
+            headers: response.headers,
+            raw_headers: Vec::new(),
+            body: response.body,
+            error: String::new(),
+        }
+        .with_status(response.status),
+        Ok(Err(message)) => Owned::failed(message),
+        Err(payload) => Owned::failed(panic_message(payload.as_ref())),
+    };
+    // SAFETY: the caller guarantees `resp` is writable.
+    unsafe { owned.0.into_raw(owned.1, resp) };
+}
+
+impl Owned {
+    fn with_status(self, status: u16) -> (Owned, u16) {
+        (self, status)
+    }
+
+    fn failed(error: String) -> (Owned, u16) {
+        let owned = Owned {
+            headers: Vec::new(),
+            raw_headers: Vec::new(),
+            body: Vec::new(),
+            error,
+        };
+        (owned, 0)
+    }
+
+    /// Moves `self` to the heap and points `resp` into it.
+    ///
+    /// # Safety
+    ///
+    /// `resp` must be writable.
+    unsafe fn into_raw(self, status: u16, resp: *mut RawResponse) {
+        let mut boxed = Box::new(self);
+        boxed.raw_headers = boxed
+            .headers
+            .iter()
+            .map(|(n, v)| RawHeader {
+                name: RawStr::from_bytes(n.as_bytes()),
+                value: RawStr::from_bytes(v.as_bytes()),
+            })
+            .collect();
+        let raw = RawResponse {
+            status,
+            headers: boxed.raw_headers.as_ptr(),
+            headers_len: boxed.raw_headers.len(),
+            body: RawStr::from_bytes(&boxed.body),
+            error: RawStr::from_bytes(boxed.error.as_bytes()),
+            owner: Box::into_raw(boxed).cast::<c_void>(),
+        };
+        // SAFETY: the caller guarantees `resp` is writable; the heap data the pointers
+        // refer to does not move when the box's pointer is taken.
+        unsafe { resp.write(raw) };
+    }
+}
+
+/// `free_response`: releases what `handle` put into `resp`.
+///
+/// # Safety
+///
+/// `resp` must have been filled by [`handle`] and not freed since.
+pub unsafe extern "C" fn free_response(resp: *mut RawResponse) {
+    if resp.is_null() {
+        return;
+    }
+    // SAFETY: the caller guarantees `resp` came from `handle`.
+    let resp = unsafe { &mut *resp };
+    if !resp.owner.is_null() {
+        // SAFETY: `owner` was made by `Box::into_raw` in `into_raw` and is freed once,
+        // since it is nulled right after.
+        drop(unsafe { Box::from_raw(resp.owner.cast::<Owned>()) });
+        resp.owner = std::ptr::null_mut();
+    }
+}
+
+/// `on_signal`: forwards a signal to the plugin, swallowing a panic.
+pub fn on_signal<T: Plugin>(cell: &'static OnceLock<T>, signo: i32) {
+    if let Some(plugin) = cell.get() {
+        let _ = catch_unwind(AssertUnwindSafe(|| plugin.on_signal(signo)));
+    }
+}
+
+/// Exports `$plugin` (a type implementing [`Plugin`](crate::Plugin)) as a gem handler:
+/// the `gem_plugin_abi_version` and `gem_plugin_entry_v1` symbols and the descriptor
+/// behind them. Call it once per cdylib.
+#[macro_export]
+macro_rules! export_plugin {
+    ($plugin:ty) => {
+        $crate::export_plugin!($plugin, abi_version = $crate::abi::ABI_VERSION);
+    };
+    ($plugin:ty, abi_version = $abi:expr) => {
+        const _: () = {
+            use $crate::abi::{PluginDescriptor, RawRequest, RawResponse, RawStr};
+
+            static PLUGIN: ::std::sync::OnceLock<$plugin> = ::std::sync::OnceLock::new();
+
+            unsafe extern "C" fn init() -> RawStr {
+                $crate::__export::init::<$plugin>(&PLUGIN)
+            }
+
+            #[allow(unsafe_code)]
+            unsafe extern "C" fn handle(req: *const RawRequest, resp: *mut RawResponse) {
+                // SAFETY: the host upholds `handle`'s contract (see the ABI docs).
+                unsafe { $crate::__export::handle::<$plugin>(&PLUGIN, req, resp) }
+            }
+
+            unsafe extern "C" fn on_signal(signo: i32) {
+                $crate::__export::on_signal::<$plugin>(&PLUGIN, signo)
+            }
+
+            static DESCRIPTOR: PluginDescriptor = PluginDescriptor {
+                abi_version: $abi,
+                struct_size: ::std::mem::size_of::<PluginDescriptor>() as u32,
+                name: RawStr::from_bytes(env!("CARGO_PKG_NAME").as_bytes()),
+                version: RawStr::from_bytes(env!("CARGO_PKG_VERSION").as_bytes()),
+                init,
+                handle,
+                free_response: $crate::__export::free_response,
+                on_signal: if <$plugin as $crate::Plugin>::HAS_SIGNAL_HOOK {
+                    Some(on_signal)
+                } else {
+                    None
+                },
+            };
+
+            #[allow(unsafe_code)]
+            #[unsafe(no_mangle)]
+            extern "C" fn gem_plugin_abi_version() -> u32 {
+                $abi
+            }
+
+            #[allow(unsafe_code)]
+            #[unsafe(no_mangle)]
+            extern "C" fn gem_plugin_entry_v1() -> *const PluginDescriptor {
+                &DESCRIPTOR
+            }
+        };
+    };
+}
