@@ -26,7 +26,10 @@ fn new_handler(req: &Request<'_>) -> Response {
 /// `/sleep?ms=N` holds the request for N ms, to watch a drain wait for it.
 fn reply(req: &Request<'_>, text: &str) -> Response {
     if req.path() == "/sleep" {
-        let ms = req.query_param("ms").and_then(|v| v.parse().ok()).unwrap_or(1000);
+        let ms = req
+            .query_param("ms")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1000);
         std::thread::sleep(Duration::from_millis(ms));
     }
     Response::text(200, text)

@@ -38,7 +38,8 @@ fn unreachable(err: &ClientError) -> ExitCode {
 
 pub fn reload(config: &Config, timeout: Option<Duration>) -> anyhow::Result<ExitCode> {
     let path = socket(config)?;
-    let deadline = Instant::now() + timeout.unwrap_or(config.upgrade_timeout + Duration::from_secs(10));
+    let deadline =
+        Instant::now() + timeout.unwrap_or(config.upgrade_timeout + Duration::from_secs(10));
     let mut reply = match ask(path, Command::Reload, remaining(deadline)) {
         Ok(reply) => reply,
         Err(err) => return Ok(unreachable(&err)),
@@ -46,7 +47,11 @@ pub fn reload(config: &Config, timeout: Option<Duration>) -> anyhow::Result<Exit
     // Coalesced into a follow-up that the new process runs: ask it for the outcome.
     while let ReplyBody::Forwarded { generation, .. } = reply.body {
         reply = loop {
-            match ask(path, Command::WaitUpgrade { generation }, remaining(deadline)) {
+            match ask(
+                path,
+                Command::WaitUpgrade { generation },
+                remaining(deadline),
+            ) {
                 Ok(reply) => break reply,
                 Err(ClientError::Unreachable { .. }) if Instant::now() < deadline => {
                     // The control socket is between generations for a moment.
@@ -75,7 +80,8 @@ pub fn reload(config: &Config, timeout: Option<Duration>) -> anyhow::Result<Exit
 
 pub fn stop(config: &Config, timeout: Option<Duration>) -> anyhow::Result<ExitCode> {
     let path = socket(config)?;
-    let deadline = Instant::now() + timeout.unwrap_or(config.wait_timeout + Duration::from_secs(10));
+    let deadline =
+        Instant::now() + timeout.unwrap_or(config.wait_timeout + Duration::from_secs(10));
     let reply = match ask(path, Command::Stop, remaining(deadline)) {
         Ok(reply) => reply,
         Err(err) => return Ok(unreachable(&err)),
@@ -117,7 +123,11 @@ fn describe(s: &Status) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let uptime = humantime::format_duration(Duration::from_secs(s.uptime_ms / 1000));
-    let _ = writeln!(out, "pid:          {} (generation {}, up {uptime})", s.pid, s.generation);
+    let _ = writeln!(
+        out,
+        "pid:          {} (generation {}, up {uptime})",
+        s.pid, s.generation
+    );
     let _ = writeln!(out, "listen:       {}", s.listen.join(", "));
     let p = &s.plugin;
     let abi = p.abi.map_or("-".into(), |a| a.to_string());
@@ -125,20 +135,36 @@ fn describe(s: &Status) -> String {
     if let Some(sha) = &p.sha256 {
         let _ = writeln!(out, "sha256:       {sha}");
     }
-    let _ = writeln!(out, "in flight:    {} requests on {} connections", s.in_flight, s.connections);
+    let _ = writeln!(
+        out,
+        "in flight:    {} requests on {} connections",
+        s.in_flight, s.connections
+    );
     match &s.last_upgrade {
         Some(u) if u.reason.is_empty() => {
-            let _ = writeln!(out, "last upgrade: {} at {} ms since epoch", u.result, u.at_unix_ms);
+            let _ = writeln!(
+                out,
+                "last upgrade: {} at {} ms since epoch",
+                u.result, u.at_unix_ms
+            );
         }
         Some(u) => {
-            let _ = writeln!(out, "last upgrade: {} at {} ms since epoch: {}", u.result, u.at_unix_ms, u.reason);
+            let _ = writeln!(
+                out,
+                "last upgrade: {} at {} ms since epoch: {}",
+                u.result, u.at_unix_ms, u.reason
+            );
         }
         None => {
             let _ = writeln!(out, "last upgrade: none by this process");
         }
     }
     for d in &s.draining {
-        let _ = writeln!(out, "draining:     pid {} with {} connections", d.pid, d.connections);
+        let _ = writeln!(
+            out,
+            "draining:     pid {} with {} connections",
+            d.pid, d.connections
+        );
     }
     out
 }

@@ -252,10 +252,7 @@ impl Config {
             Some(path) => Some(path.to_owned()),
             None => Some(PathBuf::from(DEFAULT_CONFIG_FILE)).filter(|p| p.is_file()),
         };
-        let file = match file {
-            Some(p) => Some(std::path::absolute(&p).unwrap_or(p)),
-            None => None,
-        };
+        let file = file.map(|p| std::path::absolute(&p).unwrap_or(p));
         let mut figment = Figment::new();
         if let Some(path) = &file {
             figment = figment.merge(Toml::file_exact(path));
@@ -305,10 +302,7 @@ impl Config {
             max_body_size: raw.max_body_size.map_or(defaults.max_body_size, |b| b.0),
             max_header_size: match raw.max_header_size {
                 Some(b) if b.0 < 8192 => {
-                    return Err(invalid(
-                        "max_header_size",
-                        "must be at least 8 KiB".into(),
-                    ));
+                    return Err(invalid("max_header_size", "must be at least 8 KiB".into()));
                 }
                 Some(b) => usize::try_from(b.0).unwrap_or(usize::MAX),
                 None => defaults.max_header_size,
@@ -327,14 +321,14 @@ impl Config {
         let signals =
             SignalRegistry::from_table(raw.signals.iter().map(|(k, v)| (k.as_str(), v.as_str())))
                 .map_err(|(key, err): (String, SignalError)| {
-                    let key = format!("signals.{key}");
-                    let origin = origin(figment.find_metadata("signals"));
-                    ConfigError::Invalid {
-                        key,
-                        origin,
-                        message: err.to_string(),
-                    }
-                })?;
+                let key = format!("signals.{key}");
+                let origin = origin(figment.find_metadata("signals"));
+                ConfigError::Invalid {
+                    key,
+                    origin,
+                    message: err.to_string(),
+                }
+            })?;
         Ok(Config {
             listen,
             handler: path_or(raw.handler, "handler.so"),
@@ -357,9 +351,15 @@ impl Config {
     pub fn describe(&self, handler: &crate::handler::HandlerInfo) -> String {
         use std::fmt::Write as _;
         let d = |d: Duration| humantime::format_duration(d).to_string();
-        let path = |p: &Option<PathBuf>| p.as_deref().map_or("-".into(), |p| p.display().to_string());
+        let path =
+            |p: &Option<PathBuf>| p.as_deref().map_or("-".into(), |p| p.display().to_string());
         let mut out = String::new();
-        let file = self.file.as_deref().map_or("(none: built-in defaults)".into(), |p| p.display().to_string());
+        let file = self
+            .file
+            .as_deref()
+            .map_or("(none: built-in defaults)".into(), |p| {
+                p.display().to_string()
+            });
         let _ = writeln!(out, "config file:         {file}");
         let listen: Vec<_> = self.listen.iter().map(|l| l.spec.as_str()).collect();
         let _ = writeln!(out, "listen:              {}", listen.join(", "));
@@ -375,9 +375,21 @@ impl Config {
         let _ = writeln!(out, "wait_timeout:        {}", d(self.wait_timeout));
         let _ = writeln!(out, "upgrade_timeout:     {}", d(self.upgrade_timeout));
         let _ = writeln!(out, "idle_grace:          {}", d(self.idle_grace));
-        let _ = writeln!(out, "header_read_timeout: {}", d(self.limits.header_read_timeout));
-        let _ = writeln!(out, "max_body_size:       {}", ByteSize(self.limits.max_body_size));
-        let _ = writeln!(out, "max_header_size:     {}", ByteSize(self.limits.max_header_size as u64));
+        let _ = writeln!(
+            out,
+            "header_read_timeout: {}",
+            d(self.limits.header_read_timeout)
+        );
+        let _ = writeln!(
+            out,
+            "max_body_size:       {}",
+            ByteSize(self.limits.max_body_size)
+        );
+        let _ = writeln!(
+            out,
+            "max_header_size:     {}",
+            ByteSize(self.limits.max_header_size as u64)
+        );
         let _ = writeln!(out, "max_headers:         {}", self.limits.max_headers);
         let _ = writeln!(out, "pid_file:            {}", path(&self.pid_file));
         let _ = writeln!(out, "control_socket:      {}", path(&self.control_socket));
@@ -439,6 +451,7 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::E
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
 mod tests {
     use super::*;
     use crate::signals::{Action, Signal};
@@ -519,8 +532,11 @@ mod tests {
 
     #[test]
     fn missing_config_file_is_an_error() {
-        let err = Config::load(Some(Path::new("/nonexistent/gem.toml")), &Overrides::default())
-            .unwrap_err();
+        let err = Config::load(
+            Some(Path::new("/nonexistent/gem.toml")),
+            &Overrides::default(),
+        )
+        .unwrap_err();
         assert_eq!(
             err.to_string(),
             "config file /nonexistent/gem.toml does not exist"
@@ -531,7 +547,10 @@ mod tests {
     fn paths_in_the_file_are_relative_to_the_file() {
         Jail::expect_with(|jail| {
             jail.create_dir("etc")?;
-            jail.create_file("etc/gem.toml", "handler = \"h.so\"\npid_file = \"run/g.pid\"")?;
+            jail.create_file(
+                "etc/gem.toml",
+                "handler = \"h.so\"\npid_file = \"run/g.pid\"",
+            )?;
             let c = Config::load(Some(Path::new("etc/gem.toml")), &Overrides::default()).unwrap();
             let dir = jail.directory().join("etc");
             assert_eq!(c.handler, dir.join("h.so"));

@@ -316,8 +316,8 @@ pub async fn call(path: &Path, cmd: Command, timeout: Duration) -> Result<Reply,
             path: path.to_owned(),
             reason,
         };
-        let mut line = serde_json::to_string(&Request { v: VERSION, cmd })
-            .map_err(|e| bad(e.to_string()))?;
+        let mut line =
+            serde_json::to_string(&Request { v: VERSION, cmd }).map_err(|e| bad(e.to_string()))?;
         line.push('\n');
         stream
             .write_all(line.as_bytes())
@@ -369,7 +369,10 @@ mod tests {
         );
         let err = Reply::error("nope", 7);
         let text = serde_json::to_string(&err).unwrap();
-        assert_eq!(text, r#"{"v":1,"ok":false,"failed":{"reason":"nope","pid":7}}"#);
+        assert_eq!(
+            text,
+            r#"{"v":1,"ok":false,"failed":{"reason":"nope","pid":7}}"#
+        );
         assert_eq!(serde_json::from_str::<Reply>(&text).unwrap(), err);
     }
 

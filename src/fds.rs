@@ -91,7 +91,9 @@ impl Inherited {
         if let Some(value) = env(ENV_FDS) {
             for (fd, label) in parse_pairs(ENV_FDS, &value)? {
                 let owned = claim(fd, ENV_FDS)?;
-                inherited.listeners.push((label.clone(), tcp_listener(fd, label, owned)?));
+                inherited
+                    .listeners
+                    .push((label.clone(), tcp_listener(fd, label, owned)?));
             }
             if let Some(fd) = env_fd(ENV_CONTROL_FD)? {
                 inherited.control = Some(UnixListener::from(claim(fd, ENV_CONTROL_FD)?));
@@ -115,7 +117,9 @@ impl Inherited {
             for (fd, name) in activated {
                 let label = format!("systemd:{name}");
                 let owned = claim(fd, "LISTEN_FDS")?;
-                inherited.listeners.push((label.clone(), tcp_listener(fd, label, owned)?));
+                inherited
+                    .listeners
+                    .push((label.clone(), tcp_listener(fd, label, owned)?));
             }
         }
         Ok(inherited)
@@ -302,7 +306,11 @@ mod tests {
         ];
         let open = open_listeners(&wanted, inherited).unwrap();
         assert_eq!(open[0].1.local_addr().unwrap(), a_addr, "matched by label");
-        assert_eq!(open[1].1.local_addr().unwrap(), b_addr, "matched by address");
+        assert_eq!(
+            open[1].1.local_addr().unwrap(),
+            b_addr,
+            "matched by address"
+        );
         assert_ne!(open[2].1.local_addr().unwrap(), a_addr, "freshly bound");
     }
 

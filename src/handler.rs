@@ -56,7 +56,9 @@ pub struct FnHandler<F> {
 
 impl<F> std::fmt::Debug for FnHandler<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FnHandler").field("name", &self.name).finish()
+        f.debug_struct("FnHandler")
+            .field("name", &self.name)
+            .finish()
     }
 }
 

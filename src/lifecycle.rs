@@ -121,12 +121,11 @@ async fn start_serving(
     let pid = std::process::id();
     let handler = load_handler(source).await?;
     check_signal_hook(&config.signals, handler.as_ref())?;
-    let sockets = open_listeners(&config.listen, inherited).map_err(|(addr, source)| {
-        Error::Listen {
+    let sockets =
+        open_listeners(&config.listen, inherited).map_err(|(addr, source)| Error::Listen {
             addr: addr.spec,
             source,
-        }
-    })?;
+        })?;
     let control = match &config.control_socket {
         Some(path) => Some(open_control(path, inherited_control)?),
         None => None,
@@ -184,10 +183,7 @@ fn serve_listener(
 
 /// Adopts the inherited control socket (a new generation never re-binds the live
 /// path) or binds a fresh one, and starts answering on it.
-fn open_control(
-    path: &Path,
-    inherited: Option<StdUnixListener>,
-) -> Result<ControlSocket, Error> {
+fn open_control(path: &Path, inherited: Option<StdUnixListener>) -> Result<ControlSocket, Error> {
     let file_err = |source| Error::File {
         path: path.to_owned(),
         source,
@@ -264,7 +260,7 @@ fn notify(states: &[sd_notify::NotifyState<'_>]) {
 enum Next {
     Continue,
     Shutdown,
-    HandedOver(Upgraded),
+    HandedOver(Box<Upgraded>),
 }
 
 /// An upgrade under way.
@@ -404,7 +400,9 @@ impl Lifecycle {
         match call.cmd {
             Command::Status => {
                 let status = self.status();
-                let _ = call.reply.send(Reply::ok(ReplyBody::Status(Box::new(status))));
+                let _ = call
+                    .reply
+                    .send(Reply::ok(ReplyBody::Status(Box::new(status))));
             }
             Command::Reload => {
                 info!("[{pid}] reload requested on the control socket.");
@@ -567,7 +565,7 @@ impl Lifecycle {
                 let _ = w.send(forwarded.clone());
             }
         }
-        Next::HandedOver(upgraded)
+        Next::HandedOver(Box::new(upgraded))
     }
 
     fn upgrade_failed(&mut self, err: UpgradeError, waiters: Vec<oneshot::Sender<Reply>>) {
@@ -584,7 +582,12 @@ impl Lifecycle {
                 warn!("[{pid}] {e}");
             }
         }
-        self.record(Reply::error(reason.clone(), pid), waiters, err.pid(), reason);
+        self.record(
+            Reply::error(reason.clone(), pid),
+            waiters,
+            err.pid(),
+            reason,
+        );
     }
 
     /// Answers the waiters of an upgrade and remembers its outcome.
@@ -656,6 +659,7 @@ impl Lifecycle {
         }
         match next {
             Next::HandedOver(upgraded) => {
+                let upgraded = *upgraded;
                 let to = upgraded.pid;
                 let done = CancellationToken::new();
                 let relay = tokio::spawn(relay_drain(

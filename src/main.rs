@@ -163,7 +163,10 @@ fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     match exit? {
         Exit::Shutdown { cut } | Exit::HandedOver { cut, .. } if cut > 0 => {
-            info!("[{}] exiting; {cut} connections were cut.", std::process::id());
+            info!(
+                "[{}] exiting; {cut} connections were cut.",
+                std::process::id()
+            );
         }
         _ => {}
     }

@@ -102,7 +102,8 @@ impl LoadedPlugin {
         let library = open_private_copy(&path, &bytes)?;
         let descriptor = handshake(&path, library)?;
         // SAFETY: both strings are static data of the never-unloaded library.
-        let (name, version) = unsafe { (descriptor.name.as_bytes(), descriptor.version.as_bytes()) };
+        let (name, version) =
+            unsafe { (descriptor.name.as_bytes(), descriptor.version.as_bytes()) };
         let text = |bytes: &[u8], what: &str| {
             String::from_utf8(bytes.to_vec()).map_err(|_| PluginError::BadDescriptor {
                 path: path.clone(),
@@ -191,10 +192,9 @@ fn handshake(
         });
     }
     // SAFETY: a plugin of ABI 1 exports the entry point with this signature.
-    let entry = unsafe {
-        library.get::<unsafe extern "C" fn() -> *const PluginDescriptor>(ENTRY_SYMBOL)
-    }
-    .map_err(|_| bad(&format!("the `{ENTRY_SYMBOL}` symbol is missing")))?;
+    let entry =
+        unsafe { library.get::<unsafe extern "C" fn() -> *const PluginDescriptor>(ENTRY_SYMBOL) }
+            .map_err(|_| bad(&format!("the `{ENTRY_SYMBOL}` symbol is missing")))?;
     // SAFETY: as above; the entry point only returns a pointer to a static.
     let descriptor = unsafe { entry() };
     if descriptor.is_null() {
@@ -329,7 +329,10 @@ mod tests {
         assert!(plugin.has_signal_hook());
         assert_eq!(get(&plugin, "/").unwrap().body, b"Hello world.");
         let err = get(&plugin, "/panic").unwrap_err();
-        assert!(matches!(&err, HandlerError::Panicked(m) if m.contains("on purpose")), "{err}");
+        assert!(
+            matches!(&err, HandlerError::Panicked(m) if m.contains("on purpose")),
+            "{err}"
+        );
         assert_eq!(get(&plugin, "/").unwrap().status, 200);
         let echo = plugin
             .handle(&Request::new("POST", "/echo", Vec::new(), b"ping"))
@@ -353,11 +356,17 @@ mod tests {
         let garbage = dir.path().join("garbage.so");
         std::fs::write(&garbage, b"not an ELF file").unwrap();
         let err = LoadedPlugin::load(&garbage).unwrap_err().to_string();
-        assert!(err.starts_with(&format!("cannot load plugin {}", garbage.display())), "{err}");
+        assert!(
+            err.starts_with(&format!("cannot load plugin {}", garbage.display())),
+            "{err}"
+        );
 
         let missing = dir.path().join("missing.so");
         let err = LoadedPlugin::load(&missing).unwrap_err().to_string();
-        assert!(err.starts_with(&format!("cannot read plugin {}", missing.display())), "{err}");
+        assert!(
+            err.starts_with(&format!("cannot read plugin {}", missing.display())),
+            "{err}"
+        );
 
         let v2 = built("abi_v2");
         let err = LoadedPlugin::load(&v2).unwrap_err().to_string();

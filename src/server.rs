@@ -206,7 +206,11 @@ async fn call_handler(
     };
     let handler = ctx.handler.clone();
     let method = parts.method.clone();
-    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_owned();
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_owned();
     // The handler is synchronous and may block: run it off the I/O threads so a slow
     // handler never stalls accepting or other connections.
     let outcome = tokio::task::spawn_blocking(move || {
@@ -276,7 +280,9 @@ mod tests {
         let bad_status = Response::new(1000);
         assert!(matches!(to_http(bad_status), Err(HandlerError::Invalid(m)) if m.contains("1000")));
         let bad_header = Response::new(200).with_header("bad name", "x");
-        assert!(matches!(to_http(bad_header), Err(HandlerError::Invalid(m)) if m.contains("bad name")));
+        assert!(
+            matches!(to_http(bad_header), Err(HandlerError::Invalid(m)) if m.contains("bad name"))
+        );
         let bad_value = Response::new(200).with_header("x-a", "line\nbreak");
         assert!(to_http(bad_value).is_err());
         let ok = to_http(Response::text(201, "hi").with_header("x-a", "1")).unwrap();

@@ -326,7 +326,10 @@ mod tests {
         let err = "SIGFOO".parse::<Signal>().unwrap_err().to_string();
         assert!(err.contains("\"SIGFOO\""), "{err}");
         assert!(err.contains("HUP, INT, QUIT"), "{err}");
-        assert!(!err.contains("KILL"), "unmappable names are not offered: {err}");
+        assert!(
+            !err.contains("KILL"),
+            "unmappable names are not offered: {err}"
+        );
         let err = "reboot".parse::<Action>().unwrap_err().to_string();
         assert_eq!(
             err,
@@ -364,7 +367,8 @@ mod tests {
             assert_eq!(key, name);
             assert!(matches!(err, SignalError::Unmappable(_)), "{name}: {err}");
             assert!(
-                err.to_string().contains(&format!("SIG{name} cannot be mapped")),
+                err.to_string()
+                    .contains(&format!("SIG{name} cannot be mapped")),
                 "{err}"
             );
         }
@@ -372,8 +376,12 @@ mod tests {
 
     #[test]
     fn user_entries_override_defaults_and_add_new_ones() {
-        let r = table(&[("usr2", "shutdown"), ("SIGINT", "ignore"), ("WINCH", "plugin")])
-            .unwrap();
+        let r = table(&[
+            ("usr2", "shutdown"),
+            ("SIGINT", "ignore"),
+            ("WINCH", "plugin"),
+        ])
+        .unwrap();
         assert_eq!(r.action(Signal::USR2), Some(Action::Shutdown));
         assert_eq!(r.action(Signal::INT), Some(Action::Ignore));
         assert_eq!(r.action(Signal::HUP), Some(Action::Restart));

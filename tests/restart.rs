@@ -54,7 +54,9 @@ fn zombie_children(pid: u32) -> Vec<u32> {
 }
 
 fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
 }
 
 #[test]
@@ -91,7 +93,9 @@ fn restarts_under_load_fail_no_request() {
     let serving = gem.pid();
     assert_eq!(serving, *pids.last().unwrap());
     for pid in &pids[..pids.len() - 1] {
-        wait_for(&format!("old pid {pid} to exit"), || (!alive(*pid)).then_some(()));
+        wait_for(&format!("old pid {pid} to exit"), || {
+            (!alive(*pid)).then_some(())
+        });
     }
 }
 
@@ -100,14 +104,19 @@ fn a_request_in_flight_across_a_restart_completes() {
     let mut gem = Gem::start(Spec::new("hello", ""));
     let old = gem.pid();
     let request = spawn_get(gem.addr, "/sleep?ms=2000");
-    wait_for("the request to be in flight", || (gem.in_flight() == 1).then_some(()));
+    wait_for("the request to be in flight", || {
+        (gem.in_flight() == 1).then_some(())
+    });
     let new = gem.restart(Signal::HUP);
     assert_ne!(old, new);
     let resp = request.join().unwrap().unwrap();
     assert_eq!((resp.status, resp.text().as_str()), (200, HELLO));
     wait_for("the old process to exit", || (!alive(old)).then_some(()));
     // The child's lines reached the same stderr the first process had.
-    assert_eq!(gem.count_log(&format!("Server started at process {new}")), 1);
+    assert_eq!(
+        gem.count_log(&format!("Server started at process {new}")),
+        1
+    );
     assert_eq!(gem.count_log(&format!("[{old}] Fork-exec to {new}.")), 1);
 }
 
@@ -118,13 +127,19 @@ fn expect_failed_upgrade(gem: &mut Gem, n: usize, reason: &str) {
     gem.signal(Signal::HUP);
     let line = gem.wait_log_n("upgrade failed:", n);
     assert!(line.contains(reason), "expected {reason:?} in {line}");
-    assert!(line.contains(&format!("process {pid} keeps serving")), "{line}");
+    assert!(
+        line.contains(&format!("process {pid} keeps serving")),
+        "{line}"
+    );
     assert_eq!(gem.pid(), pid, "the pid file still names the old process");
     assert!(alive(pid));
     assert_eq!(get(gem.addr, "/").unwrap().text(), HELLO);
     let report = load.stop();
     assert_eq!(report.failed, 0, "failures: {:?}", report.failures);
-    assert!(zombie_children(pid).is_empty(), "the failed child was not reaped");
+    assert!(
+        zombie_children(pid).is_empty(),
+        "the failed child was not reaped"
+    );
 }
 
 #[test]
@@ -194,7 +209,12 @@ fn a_restart_storm_leaves_one_generation_and_leaks_nothing() {
             .all(|p| *p == serving || !alive(*p))
             .then_some(())
     });
-    assert_eq!(gem.count_log("Server started at process"), 3, "{:#?}", gem.logs());
+    assert_eq!(
+        gem.count_log("Server started at process"),
+        3,
+        "{:#?}",
+        gem.logs()
+    );
     assert!(zombie_children(serving).is_empty());
     assert_eq!(get(gem.addr, "/").unwrap().status, 200);
 }
@@ -227,12 +247,16 @@ fn an_http2_stream_in_flight_completes_and_the_client_gets_goaway() {
     let mut conn = rt.block_on(H2::connect(addr)).unwrap();
     let mut stream_conn = conn.clone();
     let slow = rt.spawn(async move { stream_conn.get("/sleep?ms=1500").await });
-    wait_for("the stream to be in flight", || (gem.in_flight() == 1).then_some(()));
+    wait_for("the stream to be in flight", || {
+        (gem.in_flight() == 1).then_some(())
+    });
     gem.restart(Signal::HUP);
     let resp = rt.block_on(slow).unwrap().unwrap();
     assert_eq!((resp.status, resp.text().as_str()), (200, HELLO));
     // The old process sent GOAWAY: this connection takes no new streams, cleanly.
-    wait_for("the connection to close", || (!conn.is_open()).then_some(()));
+    wait_for("the connection to close", || {
+        (!conn.is_open()).then_some(())
+    });
     let err = rt.block_on(conn.get("/")).unwrap_err().to_string();
     assert!(!err.contains("reset"), "{err}");
     assert_eq!(client::get_h2(addr, "/").unwrap().status, 200);
@@ -254,14 +278,17 @@ fn a_replaced_binary_is_what_the_next_generation_runs() {
         ),
     )
     .unwrap();
-    std::fs::set_permissions(
-        &script,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     std::fs::rename(&script, &bin).unwrap();
     let new = gem.restart(Signal::HUP);
-    let ran: u32 = std::fs::read_to_string(&marker).unwrap().trim().parse().unwrap();
-    assert_eq!(ran, new, "the new generation is the replaced binary (exec keeps the pid)");
+    let ran: u32 = std::fs::read_to_string(&marker)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        ran, new,
+        "the new generation is the replaced binary (exec keeps the pid)"
+    );
     assert_eq!(get(gem.addr, "/").unwrap().text(), HELLO);
 }

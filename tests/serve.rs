@@ -155,16 +155,25 @@ fn config_errors_name_the_culprit() {
     std::fs::write(&toml, "listen = [\"127.0.0.1:0\"]\nwait_timout = \"1s\"\n").unwrap();
     let (status, _, err) = run_gem(dir.path(), &["serve"], &[]);
     assert!(!status.success());
-    assert!(err.contains("wait_timout") && err.contains("gem.toml"), "{err}");
+    assert!(
+        err.contains("wait_timout") && err.contains("gem.toml"),
+        "{err}"
+    );
 
     std::fs::write(&toml, "wait_timeout = \"a while\"\n").unwrap();
     let (status, _, err) = run_gem(dir.path(), &["serve"], &[]);
     assert!(!status.success());
-    assert!(err.contains("wait_timeout") && err.contains("\"a while\""), "{err}");
+    assert!(
+        err.contains("wait_timeout") && err.contains("\"a while\""),
+        "{err}"
+    );
 
     let (status, _, err) = run_gem(dir.path(), &["serve", "--config", "nope.toml"], &[]);
     assert!(!status.success());
-    assert!(err.contains("config file nope.toml does not exist"), "{err}");
+    assert!(
+        err.contains("config file nope.toml does not exist"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -24,7 +24,7 @@ fn sigterm_lets_an_in_flight_request_finish_then_exits_at_once() {
     assert!(status.success(), "{status:?}");
     // The drain waited for the request, but not for the 15 s wait_timeout.
     assert!(took < Duration::from_secs(10), "took {took:?}");
-    assert_eq!(gem.count_log("server(") , 2, "{:?}", gem.logs());
+    assert_eq!(gem.count_log("server("), 2, "{:?}", gem.logs());
     gem.wait_log("shutdown successfully.");
     gem.wait_log("all of old servers have been shutdown successfully.");
     assert_eq!(gem.count_log("reach error: timeout"), 0);
@@ -47,7 +47,10 @@ fn idle_keep_alive_connections_do_not_hold_the_exit() {
     gem.signal(Signal::TERM);
     let (status, took) = gem.wait_exit();
     assert!(status.success());
-    assert!(took < Duration::from_secs(1), "took {took:?} with 20 idle connections");
+    assert!(
+        took < Duration::from_secs(1),
+        "took {took:?} with 20 idle connections"
+    );
     assert_eq!(gem.count_log("reach error: timeout"), 0);
     drop(conns);
 }
@@ -68,14 +71,20 @@ fn wait_timeout_cuts_what_is_left_and_says_so() {
     );
     let line = gem.wait_log("reach error: timeout.");
     assert!(line.contains("(1 cut after 1s)"), "{line}");
-    assert!(request.join().unwrap().is_err(), "the cut request must not succeed");
+    assert!(
+        request.join().unwrap().is_err(),
+        "the cut request must not succeed"
+    );
 }
 
 #[test]
 fn a_busy_keep_alive_client_is_told_to_close_and_loses_nothing() {
     let mut gem = Gem::start(Spec::new("hello", "idle_grace = \"2s\""));
     let addr = gem.addr;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let mut conn = rt.block_on(H1::connect(addr)).unwrap();
     assert_eq!(rt.block_on(conn.get("/")).unwrap().status, 200);
     gem.signal(Signal::TERM);

@@ -145,10 +145,7 @@ pub fn get_h2(addr: SocketAddr, path: &str) -> Result<Resp, Error> {
 }
 
 /// Starts `GET path` on its own thread; join the handle for the result.
-pub fn spawn_get(
-    addr: SocketAddr,
-    path: &str,
-) -> std::thread::JoinHandle<Result<Resp, String>> {
+pub fn spawn_get(addr: SocketAddr, path: &str) -> std::thread::JoinHandle<Result<Resp, String>> {
     let path = path.to_owned();
     std::thread::spawn(move || get(addr, &path).map_err(|e| e.to_string()))
 }

@@ -177,7 +177,11 @@ impl Gem {
     pub fn pid(&mut self) -> u32 {
         let path = self.dir.path().join("gem.pid");
         let pid = wait_for("the pid file", || {
-            std::fs::read_to_string(&path).ok()?.trim().parse::<u32>().ok()
+            std::fs::read_to_string(&path)
+                .ok()?
+                .trim()
+                .parse::<u32>()
+                .ok()
         });
         if !self.seen_pids.contains(&pid) {
             self.seen_pids.push(pid);

@@ -61,11 +61,19 @@ pub unsafe fn handle<T: Plugin>(
         // SAFETY: the caller guarantees `req` and everything it points to is valid now.
         let req = unsafe { &*req };
         // SAFETY: as above, for every borrowed string in the request.
-        let (method, target, body) =
-            unsafe { (req.method.as_bytes(), req.target.as_bytes(), req.body.as_bytes()) };
+        let (method, target, body) = unsafe {
+            (
+                req.method.as_bytes(),
+                req.target.as_bytes(),
+                req.body.as_bytes(),
+            )
+        };
         let (Ok(method), Ok(target)) = (std::str::from_utf8(method), std::str::from_utf8(target))
         else {
-            return Ok(Response::text(400, "request method or target is not UTF-8\n"));
+            return Ok(Response::text(
+                400,
+                "request method or target is not UTF-8\n",
+            ));
         };
         let raw_headers = match req.headers.is_null() {
             true => &[][..],

@@ -19,10 +19,10 @@
 //!
 //! Build it as a `cdylib`. The SDK has no dependencies: no tokio, no hyper.
 
-pub mod abi;
 #[doc(hidden)]
 #[path = "export.rs"]
 pub mod __export;
+pub mod abi;
 mod http;
 
 pub use http::{Request, Response};

@@ -18,7 +18,11 @@ impl Plugin for Upgraded {
     }
 
     fn handle(&self, req: &Request<'_>) -> Response {
-        route(req, "Congratulation! Server has been upgraded.", &self.signals)
+        route(
+            req,
+            "Congratulation! Server has been upgraded.",
+            &self.signals,
+        )
     }
 
     fn on_signal(&self, signo: i32) {
