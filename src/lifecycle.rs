@@ -87,6 +87,8 @@ pub(crate) struct Generation {
     control: Option<ControlSocket>,
     drain: DrainSignal,
     started: Instant,
+    /// The process that handed over to this one, for generations after the first.
+    parent_pid: Option<u32>,
 }
 
 /// Loads the handler, opens the listeners and the control socket, starts accepting.
@@ -146,6 +148,7 @@ async fn start_serving(
         control,
         drain,
         started: Instant::now(),
+        parent_pid: (number > 1).then(std::os::unix::process::parent_id),
     })
 }
 
@@ -322,12 +325,19 @@ impl Generation {
         mut parent: Option<BufReader<UnixStream>>,
     ) -> Result<Exit, Error> {
         let mut calls = self.control.as_mut().and_then(|c| c.calls.take());
+        // A generation born of an upgrade reports that upgrade until it makes its own.
+        let last_upgrade = self.parent_pid.map(|_| LastUpgrade {
+            result: "upgraded".into(),
+            at_unix_ms: unix_ms(),
+            reason: String::new(),
+            pid: Some(self.pid),
+        });
         let mut life = Lifecycle {
             generation: self,
             launch,
             upgrade: None,
             follow_up: None,
-            last_upgrade: None,
+            last_upgrade,
             first_outcome: None,
             first_waiters: Vec::new(),
             stop_waiters: Vec::new(),
@@ -439,7 +449,7 @@ impl Lifecycle {
         if generation < me {
             // That upgrade succeeded: this process is (a descendant of) its result.
             let _ = reply.send(Reply::ok(ReplyBody::Upgraded(control::Upgraded {
-                from: 0,
+                from: self.generation.parent_pid.unwrap_or_default(),
                 to: self.pid(),
                 generation: me,
                 ms: None,
@@ -602,12 +612,9 @@ impl Lifecycle {
             let _ = w.send(reply.clone());
         }
         self.first_outcome.get_or_insert_with(|| reply.clone());
-        let at_unix_ms = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         self.last_upgrade = Some(LastUpgrade {
             result: if reply.ok { "upgraded" } else { "failed" }.into(),
-            at_unix_ms,
+            at_unix_ms: unix_ms(),
             reason,
             pid: child,
         });
@@ -750,6 +757,12 @@ impl Generation {
         info!("[{pid}] all of old servers have been shutdown successfully.");
         total
     }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Writes `pid` to `path` atomically: a temporary file in the same directory, renamed.

@@ -205,7 +205,6 @@ async fn call_handler(
         }
     };
     let handler = ctx.handler.clone();
-    let method = parts.method.clone();
     let target = parts
         .uri
         .path_and_query()
@@ -219,19 +218,32 @@ async fn call_handler(
             .iter()
             .map(|(n, v)| (n.as_str(), v.as_bytes()))
             .collect();
-        let request = Request::new(method.as_str(), &target, headers, &body);
-        handler.handle(&request)
+        let request = Request::new(parts.method.as_str(), &target, headers, &body);
+        let result = handler.handle(&request);
+        (result, parts.method, target)
     })
     .await;
-    let response = match outcome {
-        Ok(Ok(resp)) => to_http(resp),
-        Ok(Err(err)) => Err(err),
-        Err(join) => Err(HandlerError::Panicked(join.to_string())),
+    let (result, method, target) = match outcome {
+        Ok(done) => done,
+        Err(join) => {
+            warn!(
+                "[{}] handler task failed: {join}; answered 500",
+                std::process::id()
+            );
+            return Err(internal_error());
+        }
     };
-    response.map_err(|err| {
-        warn!(cause = %err, "handler failed; answering 500");
-        plain(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n")
+    result.and_then(to_http).map_err(|err| {
+        warn!(
+            "[{}] {method} {target}: {err}; answered 500",
+            std::process::id()
+        );
+        internal_error()
     })
+}
+
+fn internal_error() -> HttpResponse<Body> {
+    plain(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n")
 }
 
 /// Validates a handler's response and converts it for hyper.

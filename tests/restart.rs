@@ -74,8 +74,13 @@ fn restarts_under_load_fail_no_request() {
         let new = gem.restart(Signal::HUP);
         assert!(alive(new));
         pids.push(new);
+        let before = load.ok();
         wait_for(&format!("round {round} to answer {body:?}"), || {
             (load.latest() == body && get(gem.addr, "/").ok()?.text() == body).then_some(())
+        });
+        // Keep each generation under load for a while, so the test spans seconds.
+        wait_for("load on the new generation", || {
+            (load.ok() > before + 1500).then_some(())
         });
     }
     let before_stop = load.ok();

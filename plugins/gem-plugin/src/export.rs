@@ -2,9 +2,10 @@
 //! C ABI and a [`Plugin`](crate::Plugin). Not part of the public API.
 #![allow(unsafe_code)]
 
+use std::cell::RefCell;
 use std::ffi::c_void;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::OnceLock;
+use std::sync::{Once, OnceLock};
 
 use crate::abi::{RawHeader, RawRequest, RawResponse, RawStr};
 use crate::{Plugin, Request, Response};
@@ -18,19 +19,44 @@ struct Owned {
     error: String,
 }
 
+thread_local! {
+    /// Where the last panic on this thread happened, recorded by the plugin's hook.
+    static PANIC_AT: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Replaces the plugin's default panic output (a multi-line report, with a backtrace
+/// under `RUST_BACKTRACE`) by a note of where it happened: the host logs one line
+/// with the message and that place instead.
+fn quiet_panics() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            let at = info
+                .location()
+                .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
+            PANIC_AT.with(|p| *p.borrow_mut() = at);
+        }));
+    });
+}
+
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
+    let message = if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = payload.downcast_ref::<String>() {
         s.clone()
     } else {
         "non-string panic payload".to_owned()
+    };
+    match PANIC_AT.with(|p| p.borrow_mut().take()) {
+        Some(at) => format!("{message} (at {at})"),
+        None => message,
     }
 }
 
 /// `init`: builds the plugin once. Errors and panics become a message that lives forever
 /// (the plugin is never unloaded, and init runs once).
 pub fn init<T: Plugin>(cell: &'static OnceLock<T>) -> RawStr {
+    quiet_panics();
     let message = match catch_unwind(T::init) {
         Ok(Ok(plugin)) => {
             let _ = cell.set(plugin);
