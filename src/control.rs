@@ -29,6 +29,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use crate::handler::HandlerInfo;
@@ -220,7 +221,13 @@ pub fn bind(path: &Path) -> std::io::Result<StdUnixListener> {
 }
 
 /// Accepts control connections until `stop`, passing each command to the lifecycle.
-pub async fn serve(listener: UnixListener, calls: mpsc::Sender<Call>, stop: CancellationToken) {
+/// Each connection is answered on its own task, tracked by `answers`.
+pub async fn serve(
+    listener: UnixListener,
+    calls: mpsc::Sender<Call>,
+    stop: CancellationToken,
+    answers: TaskTracker,
+) {
     loop {
         let stream = tokio::select! {
             () = stop.cancelled() => return,
@@ -232,7 +239,7 @@ pub async fn serve(listener: UnixListener, calls: mpsc::Sender<Call>, stop: Canc
                 }
             },
         };
-        tokio::spawn(answer(stream, calls.clone()));
+        answers.spawn(answer(stream, calls.clone()));
     }
 }
 

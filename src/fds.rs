@@ -201,7 +201,17 @@ pub fn open_listeners(
                 .position(|(_, l)| l.local_addr().ok() == Some(addr.addr))
         };
         let listener = match by_label.or_else(by_addr) {
-            Some(i) => inherited.swap_remove(i).1,
+            Some(i) => {
+                let (label, listener) = inherited.swap_remove(i);
+                if label != addr.spec {
+                    info!(
+                        "[{}] serving {} on the inherited socket {label}",
+                        std::process::id(),
+                        addr.spec
+                    );
+                }
+                listener
+            }
             None => bind(addr.addr).map_err(|e| (addr.clone(), e))?,
         };
         out.push((addr.clone(), listener));

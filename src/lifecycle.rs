@@ -75,6 +75,8 @@ struct ControlSocket {
     /// Taken by the lifecycle loop.
     calls: Option<mpsc::Receiver<Call>>,
     stop: CancellationToken,
+    /// Connections being answered, so a final reply is written before exit.
+    answers: TaskTracker,
 }
 
 /// The serving state of this process.
@@ -200,12 +202,14 @@ fn open_control(path: &Path, inherited: Option<StdUnixListener>) -> Result<Contr
     let listener = tokio::net::UnixListener::from_std(listener).map_err(file_err)?;
     let (tx, calls) = mpsc::channel(16);
     let stop = CancellationToken::new();
-    tokio::spawn(control::serve(listener, tx, stop.clone()));
+    let answers = TaskTracker::new();
+    tokio::spawn(control::serve(listener, tx, stop.clone(), answers.clone()));
     Ok(ControlSocket {
         path: path.to_owned(),
         fd,
         calls: Some(calls),
         stop,
+        answers,
     })
 }
 
@@ -369,6 +373,8 @@ impl Generation {
                 other => break other,
             }
         };
+        // Commands still queued are answered "shutting down" from here on.
+        drop(calls);
         life.finish(next, parent).await
     }
 }
@@ -691,6 +697,11 @@ impl Lifecycle {
                 }
                 for w in self.stop_waiters {
                     let _ = w.send(Reply::ok(ReplyBody::Stopped { pid, cut }));
+                }
+                if let Some(control) = &self.generation.control {
+                    control.answers.close();
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(1), control.answers.wait()).await;
                 }
                 Ok(Exit::Shutdown { cut })
             }
