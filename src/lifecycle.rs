@@ -193,7 +193,15 @@ fn open_control(path: &Path, inherited: Option<StdUnixListener>) -> Result<Contr
         path: path.to_owned(),
         source,
     };
-    let listener = match inherited {
+    // The inherited socket serves only if the path is unchanged; a new path is bound
+    // afresh and the old socket closes with the old generation.
+    let same_path = |l: &StdUnixListener| {
+        l.local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(|p| p == path))
+            .unwrap_or(false)
+    };
+    let listener = match inherited.filter(same_path) {
         Some(l) => l,
         None => control::bind(path).map_err(file_err)?,
     };

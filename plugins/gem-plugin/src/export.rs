@@ -116,34 +116,31 @@ pub unsafe fn handle<T: Plugin>(
             .collect();
         Ok(plugin.handle(&Request::new(method, target, headers, body)))
     }));
-    let owned = match outcome {
-        Ok(Ok(response)) => Owned {
-            headers: response.headers,
-            raw_headers: Vec::new(),
-            body: response.body,
-            error: String::new(),
-        }
-        .with_status(response.status),
-        Ok(Err(message)) => Owned::failed(message),
-        Err(payload) => Owned::failed(panic_message(payload.as_ref())),
+    let (owned, status) = match outcome {
+        Ok(Ok(response)) => (
+            Owned {
+                headers: response.headers,
+                raw_headers: Vec::new(),
+                body: response.body,
+                error: String::new(),
+            },
+            response.status,
+        ),
+        Ok(Err(message)) => (Owned::failed(message), 0),
+        Err(payload) => (Owned::failed(panic_message(payload.as_ref())), 0),
     };
     // SAFETY: the caller guarantees `resp` is writable.
-    unsafe { owned.0.into_raw(owned.1, resp) };
+    unsafe { owned.into_raw(status, resp) };
 }
 
 impl Owned {
-    fn with_status(self, status: u16) -> (Owned, u16) {
-        (self, status)
-    }
-
-    fn failed(error: String) -> (Owned, u16) {
-        let owned = Owned {
+    fn failed(error: String) -> Owned {
+        Owned {
             headers: Vec::new(),
             raw_headers: Vec::new(),
             body: Vec::new(),
             error,
-        };
-        (owned, 0)
+        }
     }
 
     /// Moves `self` to the heap and points `resp` into it.
