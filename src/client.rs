@@ -19,15 +19,26 @@ fn socket(config: &Config) -> anyhow::Result<&Path> {
         .context("no control_socket is configured")
 }
 
+/// Sends `cmd` to whichever process serves, until `deadline`: a process that has just
+/// handed over says so, and the command goes to its successor.
 fn ask(path: &Path, cmd: Command, timeout: Duration) -> Result<Reply, ClientError> {
-    tokio::runtime::Builder::new_current_thread()
+    let deadline = Instant::now() + timeout;
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|source| ClientError::Unreachable {
             path: path.to_owned(),
             source,
-        })?
-        .block_on(control::call(path, cmd, timeout))
+        })?;
+    loop {
+        let reply = runtime.block_on(control::call(path, cmd.clone(), remaining(deadline)))?;
+        match reply.body {
+            ReplyBody::HandedOver { .. } if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            _ => return Ok(reply),
+        }
+    }
 }
 
 /// Prints why nobody answered and returns exit code 2.

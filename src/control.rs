@@ -18,6 +18,9 @@
 //! process, the answer is `{"ok":true,"forwarded":{"to":B,"generation":N}}`, and the
 //! client asks the new process with `{"v":1,"cmd":"wait_upgrade","generation":N}`, which
 //! is answered like `reload` once the first upgrade started by generation N is over.
+//!
+//! A command that reaches a process just after it handed over is answered with
+//! `{"ok":true,"handed_over":{"to":B}}`: send it again, and the new process answers.
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener as StdUnixListener;
@@ -90,6 +93,12 @@ pub enum ReplyBody {
         to: u32,
         /// Its generation: ask it with `wait_upgrade`.
         generation: u64,
+    },
+    /// This process has handed over to `to` and is draining: ask again, and the new
+    /// process answers.
+    HandedOver {
+        /// The new process.
+        to: u32,
     },
     /// The process drained and is exiting.
     Stopped {

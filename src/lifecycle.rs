@@ -381,8 +381,18 @@ impl Generation {
                 other => break other,
             }
         };
-        // Commands still queued are answered "shutting down" from here on.
-        drop(calls);
+        if let Some(control) = &life.generation.control {
+            // New control clients must reach the new generation (or nobody).
+            control.stop.cancel();
+        }
+        // Commands that still reach this process are told where to go instead.
+        if let Some(calls) = calls {
+            let to = match &next {
+                Next::HandedOver(upgraded) => Some(upgraded.pid),
+                _ => None,
+            };
+            tokio::spawn(turn_away(calls, to));
+        }
         life.finish(next, parent).await
     }
 }
@@ -674,10 +684,6 @@ impl Lifecycle {
                 let _ = w.send(Reply::error(outcome.clone(), pid));
             }
         }
-        if let Some(control) = &self.generation.control {
-            // New control clients must reach the new generation (or nobody).
-            control.stop.cancel();
-        }
         match next {
             Next::HandedOver(upgraded) => {
                 let upgraded = *upgraded;
@@ -692,6 +698,7 @@ impl Lifecycle {
                 let cut = self.generation.drain_all().await;
                 done.cancel();
                 let _ = relay.await;
+                self.generation.flush_answers().await;
                 Ok(Exit::HandedOver { to, cut })
             }
             _ => {
@@ -749,6 +756,14 @@ async fn relay_drain(
 }
 
 impl Generation {
+    /// Lets control replies already decided reach their clients before the exit.
+    async fn flush_answers(&self) {
+        if let Some(control) = &self.control {
+            control.answers.close();
+            let _ = tokio::time::timeout(Duration::from_secs(1), control.answers.wait()).await;
+        }
+    }
+
     /// The drain, with the reference's log lines. Returns how many connections were cut.
     async fn drain_all(&self) -> usize {
         let pid = self.pid;
@@ -775,6 +790,19 @@ impl Generation {
         }
         info!("[{pid}] all of old servers have been shutdown successfully.");
         total
+    }
+}
+
+/// Answers control commands that arrive after the loop ended: after a handover, "ask
+/// the new process"; after a shutdown, "shutting down".
+async fn turn_away(mut calls: mpsc::Receiver<Call>, handed_over_to: Option<u32>) {
+    let pid = std::process::id();
+    while let Some(call) = calls.recv().await {
+        let reply = match handed_over_to {
+            Some(to) => Reply::ok(ReplyBody::HandedOver { to }),
+            None => Reply::error("the server is shutting down", pid),
+        };
+        let _ = call.reply.send(reply);
     }
 }
 

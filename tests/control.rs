@@ -157,9 +157,9 @@ fn a_reload_during_an_upgrade_reports_the_follow_up() {
     gem.wait_log("Fork-exec to");
     let two = reload();
     gem.wait_log("one more will follow it");
-    let (s1, out1, _) = one.join().unwrap();
-    let (s2, out2, _) = two.join().unwrap();
-    assert!(s1.success() && s2.success(), "{out1}{out2}");
+    let (s1, out1, err1) = one.join().unwrap();
+    let (s2, out2, err2) = two.join().unwrap();
+    assert!(s1.success() && s2.success(), "{out1}{err1}{out2}{err2}");
     let third = gem.wait_log_n("Server started at process", 3);
     let second: u32 = third.rsplit_once(' ').unwrap().1.parse().unwrap();
     assert!(
