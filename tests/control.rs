@@ -280,6 +280,7 @@ fn socket_activation_serves_on_the_passed_listener() {
     }])
     .unwrap();
     let mut child = cmd.spawn().unwrap();
+    let _cleanup = common::KillAllIn(dir.path().to_owned());
     let resp = wait_for("gem to answer on the passed socket", || get(addr, "/").ok());
     assert_eq!(resp.text(), "Hello world.");
     common::signal_pid(child.id(), Signal::TERM);

@@ -108,19 +108,55 @@ impl Spec {
 }
 
 /// Runs `gem` to completion with `args` in `dir`, returning (status, stdout, stderr).
+/// A gem that does not finish within `DEADLINE` is killed and the test fails.
 pub fn run_gem(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String, String) {
-    let out = Command::new(gem_bin())
+    let mut child = Command::new(gem_bin())
         .args(args)
         .current_dir(dir)
         .envs(env.iter().copied())
         .env("RUST_LOG", "info")
-        .output()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    (
-        out.status,
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let read = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_string(&mut text);
+            }
+            text
+        })
+    };
+    let out = read(child.stdout.take().map(|p| Box::new(p) as _));
+    let err = read(child.stderr.take().map(|p| Box::new(p) as _));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > DEADLINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("gem {args:?} did not finish within {DEADLINE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    (status, out.join().unwrap(), err.join().unwrap())
+}
+
+/// Kills every process working in a directory when dropped, so a failing test leaves
+/// nothing running.
+pub struct KillAllIn(pub PathBuf);
+
+impl Drop for KillAllIn {
+    fn drop(&mut self) {
+        for pid in processes_in(&self.0) {
+            let _ = rustix::process::Pid::from_raw(pid as i32)
+                .map(|p| rustix::process::kill_process(p, Signal::KILL));
+        }
+    }
 }
 
 impl Gem {
@@ -271,9 +307,16 @@ impl Gem {
 }
 
 impl Drop for Gem {
+    /// Stops every generation by pid: the ones seen, the one in the pid file, and any
+    /// other process working in this test's directory (every generation does).
     fn drop(&mut self) {
-        for pid in &self.seen_pids {
-            let _ = rustix::process::Pid::from_raw(*pid as i32)
+        let mut pids = self.seen_pids.clone();
+        if let Ok(text) = std::fs::read_to_string(self.dir.path().join("gem.pid")) {
+            pids.extend(text.trim().parse::<u32>());
+        }
+        pids.extend(processes_in(self.dir.path()));
+        for pid in pids.into_iter().filter(|p| alive(*p)) {
+            let _ = rustix::process::Pid::from_raw(pid as i32)
                 .map(|p| rustix::process::kill_process(p, Signal::KILL));
         }
         if let Some(mut child) = self.child.take() {
@@ -281,6 +324,17 @@ impl Drop for Gem {
             let _ = child.wait();
         }
     }
+}
+
+/// Processes whose working directory is `dir`.
+pub fn processes_in(dir: &Path) -> Vec<u32> {
+    let Ok(proc) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    proc.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == dir))
+        .collect()
 }
 
 /// Sends `sig` to `pid`.

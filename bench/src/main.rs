@@ -1,0 +1,530 @@
+//! gem's benchmarks, side by side with a plain hyper server and nginx in one run on this
+//! machine: restarts under load, restart latency, throughput, memory and leaks, drain
+//! time, HTTP/2 through restarts. Prints a table and rewrites BENCHMARKS.md.
+//!
+//! Run it through `bench/run [--quick]`, which installs the tools and builds first.
+
+mod peers;
+mod tools;
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use peers::{Build, Gem, HELLO, Hyper, Nginx, Peer, UPGRADED};
+use tools::{Wrk, h2load, wrk};
+
+/// How long and how often; `--quick` shrinks everything for a smoke run.
+struct Plan {
+    quick: bool,
+    load: Duration,
+    rounds: usize,
+    throughput: Duration,
+    latency_restarts: usize,
+    leak_restarts: usize,
+    drain_rounds: usize,
+    h2: Duration,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Plan {
+        match quick {
+            false => Plan {
+                quick,
+                load: Duration::from_secs(30),
+                rounds: 3,
+                throughput: Duration::from_secs(8),
+                latency_restarts: 50,
+                leak_restarts: 100,
+                drain_rounds: 5,
+                h2: Duration::from_secs(15),
+            },
+            true => Plan {
+                quick,
+                load: Duration::from_secs(4),
+                rounds: 1,
+                throughput: Duration::from_secs(3),
+                latency_restarts: 10,
+                leak_restarts: 10,
+                drain_rounds: 2,
+                h2: Duration::from_secs(4),
+            },
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let plan = Plan::new(quick);
+    let root = std::env::current_dir()?;
+    let build = Build::at(&root)?;
+    let started = Instant::now();
+    let mut md = String::new();
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+
+    section(
+        &mut md,
+        "1. Restarts under load",
+        &restarts_under_load(&build, &plan, workers)?,
+    );
+    section(
+        &mut md,
+        "2. Restart latency",
+        &restart_latency(&build, &plan, workers)?,
+    );
+    section(
+        &mut md,
+        "3. Throughput (keep-alive)",
+        &throughput(&build, &plan, workers)?,
+    );
+    section(&mut md, "4. Memory and leaks", &memory(&build, &plan)?);
+    section(&mut md, "5. Drain time", &drain_time(&build, &plan)?);
+    section(
+        &mut md,
+        "6. HTTP/2 through restarts",
+        &http2(&build, &plan)?,
+    );
+
+    let doc = format!(
+        "{}\n{md}\nWhole run: {:.0} s.\n",
+        header(&plan, workers)?,
+        started.elapsed().as_secs_f64()
+    );
+    print!("{doc}");
+    if !quick {
+        std::fs::write(root.join("BENCHMARKS.md"), &doc).context("writing BENCHMARKS.md")?;
+        eprintln!("wrote BENCHMARKS.md");
+    }
+    Ok(())
+}
+
+fn section(md: &mut String, title: &str, body: &str) {
+    let _ = writeln!(md, "## {title}\n\n{body}");
+    eprintln!("done: {title}");
+}
+
+fn header(plan: &Plan, workers: usize) -> Result<String> {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")?
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map_or("unknown".into(), |s| s.trim().to_owned());
+    let mem = std::fs::read_to_string("/proc/meminfo")?
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .nth(1)
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(0, |kb| kb / 1024 / 1024);
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()?;
+    let tool = |cmd: &str, arg: &str| {
+        std::process::Command::new(cmd)
+            .arg(arg)
+            .output()
+            .map(|o| {
+                let text = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                );
+                text.lines().next().unwrap_or_default().trim().to_owned()
+            })
+            .unwrap_or_default()
+    };
+    Ok(format!(
+        "# Benchmarks\n\n\
+         Measured side by side in one run by `bench/run{quick}`, on {workers} cores ({cpu}), \
+         {mem} GiB, {date}. gem and the hyper ceiling run tokio's multi-thread runtime \
+         with {workers} workers; nginx runs {workers} worker processes. Load generators \
+         share the same cores, so absolute numbers are low and noisy: read the ratios and \
+         error counts.\n\n\
+         Tools: {wrk}; {h2load}; {nginx}.\n\n\
+         Commands: `wrk -t2 -c64 -dNs --latency --timeout 5s [-H 'Connection: close'] URL`, \
+         `h2load -c16 -m8 -t2 -DN URL`. A gem restart is a new .so renamed over the handler \
+         path plus `kill -HUP`; an nginx restart is a rewritten `return 200` body plus \
+         `kill -HUP` to the master (what `nginx -s reload` does).\n",
+        quick = if plan.quick { " --quick" } else { "" },
+        date = String::from_utf8_lossy(&date.stdout).trim(),
+        wrk = tool("wrk", "--version"),
+        h2load = tool("h2load", "--version"),
+        nginx = tool("nginx", "-v"),
+    ))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn verdict(ok: bool, miss: impl FnOnce() -> String) -> String {
+    if ok {
+        "met".into()
+    } else {
+        format!("**missed**: {}", miss())
+    }
+}
+
+fn alternate(i: usize) -> &'static str {
+    if i % 2 == 0 { UPGRADED } else { HELLO }
+}
+
+/// Runs wrk against `peer` while restarting it every 0.5 s; returns wrk's report and the
+/// number of restarts sent.
+fn load_with_restarts(peer: &mut dyn Peer, plan: &Plan, close: bool) -> Result<(Wrk, usize)> {
+    let addr = peer.addr();
+    let duration = plan.load;
+    let load = std::thread::spawn(move || wrk(addr, 64, duration, close));
+    let start = Instant::now();
+    let mut sent = 0;
+    while start.elapsed() + Duration::from_millis(750) < duration && !load.is_finished() {
+        std::thread::sleep(Duration::from_millis(500));
+        peer.restart_to(alternate(sent))?;
+        sent += 1;
+    }
+    let report = load
+        .join()
+        .map_err(|_| anyhow::anyhow!("wrk thread panicked"))??;
+    Ok((report, sent))
+}
+
+fn restarts_under_load(build: &Build, plan: &Plan, workers: usize) -> Result<String> {
+    let mut out = String::from(
+        "wrk, 64 connections, a restart every 0.5 s alternating two handlers.\n\n\
+         | server | mode | requests | req/s | connect | read | write | timeout | non-2xx | restarts |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let mut gem_errors = 0;
+    for close in [false, true] {
+        let mode = if close {
+            "Connection: close"
+        } else {
+            "keep-alive"
+        };
+        let mut gem = Gem::start(build)?;
+        let before = gem.generation()?;
+        let (w, sent) = load_with_restarts(&mut gem, plan, close)?;
+        let completed = gem.generation()? - before;
+        gem.stop()?;
+        gem_errors += w.errors();
+        row(&mut out, "gem", mode, &w, &format!("{completed} of {sent}"));
+        let mut nginx = Nginx::start(workers)?;
+        let (w, sent) = load_with_restarts(&mut nginx, plan, close)?;
+        nginx.stop()?;
+        row(&mut out, "nginx", mode, &w, &format!("{sent} sent"));
+    }
+    let _ = writeln!(
+        out,
+        "\nTarget: 0 errors of any kind for gem in both modes: {}.",
+        verdict(gem_errors == 0, || format!("{gem_errors} errors"))
+    );
+    Ok(out)
+}
+
+fn row(out: &mut String, name: &str, mode: &str, w: &Wrk, restarts: &str) {
+    let _ = writeln!(
+        out,
+        "| {name} | {mode} | {} | {:.0} | {} | {} | {} | {} | {} | {restarts} |",
+        w.requests, w.rps, w.connect, w.read, w.write, w.timeout, w.non_2xx
+    );
+}
+
+/// Signal to the first response with the new body, on a new connection each poll.
+fn latencies(
+    peer: &mut dyn Peer,
+    n: usize,
+    wait_handover: impl Fn(&dyn Peer) -> Result<()>,
+) -> Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let body = alternate(i);
+        let t0 = Instant::now();
+        peer.restart_to(body)?;
+        loop {
+            if peers::get(peer.addr()).ok().as_deref() == Some(body) {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                bail!("{} did not switch to {body:?}", peer.name());
+            }
+        }
+        out.push(t0.elapsed().as_secs_f64() * 1000.0);
+        wait_handover(peer)?;
+    }
+    out.sort_by(f64::total_cmp);
+    Ok(out)
+}
+
+fn restart_latency(build: &Build, plan: &Plan, workers: usize) -> Result<String> {
+    let mut gem = Gem::start(build)?;
+    let gem_dir = gem.dir.path().to_owned();
+    let mut last_pid = gem.pid()?;
+    let mut gem_ms = Vec::new();
+    // Before the next signal, the pid file must name the new generation.
+    for i in 0..plan.latency_restarts {
+        let t0 = Instant::now();
+        let body = alternate(i);
+        gem.restart_to(body)?;
+        while peers::get(gem.addr()).ok().as_deref() != Some(body) {
+            if t0.elapsed() > Duration::from_secs(30) {
+                bail!("gem did not switch");
+            }
+        }
+        gem_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+        let start = Instant::now();
+        loop {
+            let pid: u32 = std::fs::read_to_string(gem_dir.join("gem.pid"))?
+                .trim()
+                .parse()?;
+            if pid != last_pid {
+                last_pid = pid;
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("pid file did not change");
+            }
+        }
+    }
+    gem.stop()?;
+    gem_ms.sort_by(f64::total_cmp);
+    let mut nginx = Nginx::start(workers)?;
+    let nginx_ms = latencies(&mut nginx, plan.latency_restarts, |_| Ok(()))?;
+    nginx.stop()?;
+    let mut out = format!(
+        "{} restarts each, alternating bodies; from the signal to the first new-body \
+         response on a fresh connection.\n\n\
+         | server | min ms | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|\n",
+        plan.latency_restarts
+    );
+    for (name, v) in [("gem", &gem_ms), ("nginx", &nginx_ms)] {
+        let _ = writeln!(
+            out,
+            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            v.first().copied().unwrap_or(f64::NAN),
+            percentile(v, 50.0),
+            percentile(v, 99.0),
+            v.last().copied().unwrap_or(f64::NAN)
+        );
+    }
+    let (g, n) = (percentile(&gem_ms, 50.0), percentile(&nginx_ms, 50.0));
+    let _ = writeln!(
+        out,
+        "\nTarget: gem p50 ≤ nginx p50 and < 20 ms: {}.",
+        verdict(g <= n && g < 20.0, || format!(
+            "gem p50 {g:.1} ms vs nginx {n:.1} ms ({:+.1} ms)",
+            g - n.min(20.0)
+        ))
+    );
+    Ok(out)
+}
+
+fn throughput(build: &Build, plan: &Plan, workers: usize) -> Result<String> {
+    let mut hyper = Hyper::start(build)?;
+    let mut nginx = Nginx::start(workers)?;
+    let mut gem = Gem::start(build)?;
+    let mut results: Vec<(&str, Vec<f64>, Vec<f64>)> = vec![
+        ("hyper", vec![], vec![]),
+        ("nginx", vec![], vec![]),
+        ("gem", vec![], vec![]),
+    ];
+    for _ in 0..plan.rounds {
+        for (i, peer) in [&hyper as &dyn Peer, &nginx, &gem].into_iter().enumerate() {
+            let w = wrk(peer.addr(), 64, plan.throughput, false)?;
+            results[i].1.push(w.rps);
+            results[i].2.push(w.p99_ms);
+        }
+    }
+    hyper.stop()?;
+    nginx.stop()?;
+    gem.stop()?;
+    let mut out = format!(
+        "{} interleaved rounds (hyper, nginx, gem, hyper, ...) of {} s keep-alive wrk, 64 \
+         connections; medians.\n\n| server | req/s | p99 ms |\n|---|---|---|\n",
+        plan.rounds,
+        plan.throughput.as_secs()
+    );
+    let med: Vec<(f64, f64)> = results
+        .iter()
+        .map(|(_, r, p)| (median(r.clone()), median(p.clone())))
+        .collect();
+    for ((name, _, _), (rps, p99)) in results.iter().zip(&med) {
+        let _ = writeln!(out, "| {name} | {rps:.0} | {p99:.2} |");
+    }
+    let (hyper_rps, nginx_rps, gem_rps) = (med[0].0, med[1].0, med[2].0);
+    let to_hyper = gem_rps / hyper_rps;
+    let to_nginx = gem_rps / nginx_rps;
+    let _ = writeln!(
+        out,
+        "\ngem/hyper = {to_hyper:.3}; gem/nginx = {to_nginx:.3}.\n\n\
+         Target gem/hyper ≥ 0.95: {}. Target gem ≥ nginx: {}.",
+        verdict(to_hyper >= 0.95, || format!(
+            "short by {:.3}",
+            0.95 - to_hyper
+        )),
+        verdict(to_nginx >= 1.0, || format!(
+            "short by {:.3}",
+            1.0 - to_nginx
+        )),
+    );
+    Ok(out)
+}
+
+fn memory(build: &Build, plan: &Plan) -> Result<String> {
+    let mut gem = Gem::start(build)?;
+    let pid = gem.pid()?;
+    let idle = peers::rss_kib(pid).unwrap_or(0);
+    let addr = gem.addr();
+    let load = std::thread::spawn(move || wrk(addr, 64, Duration::from_secs(5), false));
+    let mut loaded = 0;
+    while !load.is_finished() {
+        loaded = loaded.max(peers::rss_kib(pid).unwrap_or(0));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    load.join()
+        .map_err(|_| anyhow::anyhow!("wrk thread panicked"))??;
+    let first = gem.pid()?;
+    let before = (
+        peers::fd_count(first).unwrap_or(0),
+        peers::rss_kib(first).unwrap_or(0),
+        peers::count_processes("gem"),
+    );
+    for i in 0..plan.leak_restarts {
+        gem.restart_and_wait(alternate(i))?;
+    }
+    let last = gem.pid()?;
+    let start = Instant::now();
+    while peers::count_processes("gem") > 1 && start.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = peers::get(gem.addr());
+    let after = (
+        peers::fd_count(last).unwrap_or(0),
+        peers::rss_kib(last).unwrap_or(0),
+        peers::count_processes("gem"),
+    );
+    gem.stop()?;
+    let mut out = format!(
+        "| measure | value |\n|---|---|\n| idle RSS | {:.1} MiB |\n| RSS under load (max) | {:.1} MiB |\n\n\
+         Before and after {} restarts (the serving process each time):\n\n\
+         | | fds | RSS | gem processes |\n|---|---|---|---|\n\
+         | before | {} | {:.1} MiB | {} |\n| after | {} | {:.1} MiB | {} |\n",
+        idle as f64 / 1024.0,
+        loaded as f64 / 1024.0,
+        plan.leak_restarts,
+        before.0,
+        before.1 as f64 / 1024.0,
+        before.2,
+        after.0,
+        after.1 as f64 / 1024.0,
+        after.2,
+    );
+    let grew = after.0 > before.0 || after.2 > before.2 || after.1 > before.1 + 1024;
+    let _ = writeln!(
+        out,
+        "\nTarget: idle RSS < 10 MiB: {}. Nothing grows (RSS within 1 MiB): {}.",
+        verdict(idle < 10 * 1024, || format!(
+            "{:.1} MiB over",
+            (idle as f64 - 10240.0) / 1024.0
+        )),
+        verdict(!grew, || "see the table".into()),
+    );
+    Ok(out)
+}
+
+fn drain_time(build: &Build, plan: &Plan) -> Result<String> {
+    let mut times = Vec::new();
+    for _ in 0..plan.drain_rounds {
+        let mut gem = Gem::start(build)?;
+        let mut conns = Vec::with_capacity(64);
+        for _ in 0..64 {
+            let mut s = TcpStream::connect(gem.addr())?;
+            s.write_all(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n")?;
+            let mut buf = [0u8; 512];
+            let mut got = Vec::new();
+            while !got.ends_with(HELLO.as_bytes()) {
+                let n = s.read(&mut buf)?;
+                if n == 0 {
+                    bail!("connection closed early");
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            conns.push(s);
+        }
+        let t0 = Instant::now();
+        peers::signal(gem.pid()?, "TERM")?;
+        gem.child.wait()?;
+        times.push(t0.elapsed().as_secs_f64() * 1000.0);
+        drop(conns);
+    }
+    let m = median(times.clone());
+    let grace = 500.0;
+    let mut out = format!(
+        "64 idle keep-alive connections, nothing in flight; SIGTERM to exit, {} rounds: \
+         median {m:.0} ms (all: {}).\n",
+        plan.drain_rounds,
+        times
+            .iter()
+            .map(|t| format!("{t:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let _ = writeln!(
+        out,
+        "\nTarget: under the idle grace ({grace:.0} ms) + 50 ms: {}.",
+        verdict(m < grace + 50.0, || format!(
+            "{:.0} ms over",
+            m - grace - 50.0
+        ))
+    );
+    Ok(out)
+}
+
+fn http2(build: &Build, plan: &Plan) -> Result<String> {
+    let mut gem = Gem::start(build)?;
+    let addr = gem.addr();
+    let before = gem.generation()?;
+    let duration = plan.h2;
+    let load = std::thread::spawn(move || h2load(addr, duration));
+    let start = Instant::now();
+    let mut sent = 0;
+    while start.elapsed() + Duration::from_millis(750) < duration && !load.is_finished() {
+        std::thread::sleep(Duration::from_millis(500));
+        gem.restart_to(alternate(sent))?;
+        sent += 1;
+    }
+    let h = load
+        .join()
+        .map_err(|_| anyhow::anyhow!("h2load thread panicked"))??;
+    let completed = gem.generation()? - before;
+    gem.stop()?;
+    let bad = h.failed + h.errored + h.timeout;
+    Ok(format!(
+        "h2load, 16 connections × 8 streams for {} s, a restart every 0.5 s ({completed} of {sent} completed).\n\n\
+         | requests | succeeded | failed | errored | timeout |\n|---|---|---|---|---|\n\
+         | {} | {} | {} | {} | {} |\n\nTarget: 0 failed or errored streams: {}.\n",
+        plan.h2.as_secs(),
+        h.total,
+        h.succeeded,
+        h.failed,
+        h.errored,
+        h.timeout,
+        verdict(bad == 0, || format!("{bad} streams"))
+    ))
+}

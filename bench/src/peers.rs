@@ -1,0 +1,363 @@
+//! The servers under test, started as real processes on 127.0.0.1: gem (hello plugin),
+//! the plain hyper example, and nginx.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+pub const HELLO: &str = "Hello world.";
+pub const UPGRADED: &str = "Congratulation! Server has been upgraded.";
+
+/// Where the release build put things.
+#[derive(Debug, Clone)]
+pub struct Build {
+    pub gem: PathBuf,
+    pub hyper: PathBuf,
+    pub hello_so: PathBuf,
+    pub upgraded_so: PathBuf,
+}
+
+impl Build {
+    pub fn at(root: &Path) -> Result<Build> {
+        let release = root.join("target/release");
+        let build = Build {
+            gem: release.join("gem"),
+            hyper: release.join("examples/hyper_hello"),
+            hello_so: release.join("libhello.so"),
+            upgraded_so: release.join("libupgraded.so"),
+        };
+        for p in [
+            &build.gem,
+            &build.hyper,
+            &build.hello_so,
+            &build.upgraded_so,
+        ] {
+            if !p.exists() {
+                bail!("{} is missing: run the release build first", p.display());
+            }
+        }
+        Ok(build)
+    }
+}
+
+/// A port the OS says is free right now.
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Waits until `addr` answers `GET /` with `body`.
+pub fn wait_serving(addr: SocketAddr, body: &str) -> Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        if get(addr).ok().as_deref() == Some(body) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    bail!("{addr} did not answer {body:?} within 20s")
+}
+
+/// `GET /` on a new connection; the body.
+pub fn get(addr: SocketAddr) -> Result<String> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    if !out.starts_with("HTTP/1.1 200") {
+        bail!("not a 200: {out:?}");
+    }
+    Ok(out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned())
+}
+
+/// Resident memory of `pid` in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Open fds of `pid`.
+pub fn fd_count(pid: u32) -> Option<usize> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
+}
+
+/// Live (not zombie) processes whose command name is `name`.
+pub fn count_processes(name: &str) -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let comm_ok = stat.contains(&format!("({name})"));
+            let zombie = stat
+                .rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
+            comm_ok && !zombie
+        })
+        .count()
+}
+
+pub fn signal(pid: u32, sig: &str) -> Result<()> {
+    let status = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()?;
+    if !status.success() {
+        bail!("kill -{sig} {pid} failed");
+    }
+    Ok(())
+}
+
+/// A server that can be restarted and stopped.
+pub trait Peer {
+    fn name(&self) -> &'static str;
+    fn addr(&self) -> SocketAddr;
+    /// Starts a restart that makes `/` answer `body`; returns at once.
+    fn restart_to(&mut self, body: &str) -> Result<()>;
+    fn stop(&mut self) -> Result<()>;
+}
+
+pub struct Gem {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    addr: SocketAddr,
+    so: PathBuf,
+    build: Build,
+}
+
+impl Gem {
+    pub fn start(build: &Build) -> Result<Gem> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let so = dir.path().join("handler.so");
+        std::fs::copy(&build.hello_so, &so)?;
+        std::fs::write(
+            dir.path().join("gem.toml"),
+            format!("listen = [\"127.0.0.1:{port}\"]\nhandler = {so:?}\n"),
+        )?;
+        let child = Command::new(&build.gem)
+            .arg("serve")
+            .current_dir(dir.path())
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting gem")?;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        wait_serving(addr, HELLO)?;
+        Ok(Gem {
+            child,
+            dir,
+            addr,
+            so,
+            build: build.clone(),
+        })
+    }
+
+    /// The serving generation's pid.
+    pub fn pid(&self) -> Result<u32> {
+        let text = std::fs::read_to_string(self.dir.path().join("gem.pid"))?;
+        Ok(text.trim().parse()?)
+    }
+
+    /// Restarts and waits until the pid file names a new, different process.
+    pub fn restart_and_wait(&mut self, body: &str) -> Result<u32> {
+        let old = self.pid()?;
+        self.restart_to(body)?;
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(30) {
+            if let Ok(pid) = self.pid() {
+                if pid != old {
+                    return Ok(pid);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        bail!("gem did not hand over within 30s")
+    }
+
+    /// The serving generation number, from `gem status --json`.
+    pub fn generation(&self) -> Result<u64> {
+        let out = Command::new(&self.build.gem)
+            .args(["status", "--json"])
+            .current_dir(self.dir.path())
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("\"generation\""))
+            .context("no generation in gem status")?;
+        Ok(line
+            .trim()
+            .trim_start_matches("\"generation\":")
+            .trim_end_matches(',')
+            .trim()
+            .parse()?)
+    }
+}
+
+impl Peer for Gem {
+    fn name(&self) -> &'static str {
+        "gem"
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn restart_to(&mut self, body: &str) -> Result<()> {
+        let from = if body == HELLO {
+            &self.build.hello_so
+        } else {
+            &self.build.upgraded_so
+        };
+        let tmp = self.so.with_extension("new");
+        std::fs::copy(from, &tmp)?;
+        std::fs::rename(&tmp, &self.so)?;
+        signal(self.pid()?, "HUP")
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        if let Ok(pid) = self.pid() {
+            let _ = signal(pid, "TERM");
+        }
+        let _ = self.child.wait();
+        // Later generations are not our children: wait for the pid file to go.
+        let start = Instant::now();
+        while self.dir.path().join("gem.pid").exists() && start.elapsed() < Duration::from_secs(30)
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+}
+
+pub struct Hyper {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Hyper {
+    pub fn start(build: &Build) -> Result<Hyper> {
+        let port = free_port()?;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let child = Command::new(&build.hyper)
+            .arg(addr.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        wait_serving(addr, HELLO)?;
+        Ok(Hyper { child, addr })
+    }
+}
+
+impl Peer for Hyper {
+    fn name(&self) -> &'static str {
+        "hyper"
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn restart_to(&mut self, _body: &str) -> Result<()> {
+        bail!("the hyper ceiling has no restart")
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        Ok(())
+    }
+}
+
+pub struct Nginx {
+    child: Child,
+    dir: tempfile::TempDir,
+    addr: SocketAddr,
+    workers: usize,
+}
+
+impl Nginx {
+    pub fn start(workers: usize) -> Result<Nginx> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let mut nginx = Nginx {
+            child: Command::new("true").spawn()?,
+            dir,
+            addr,
+            workers,
+        };
+        nginx.write_conf(HELLO)?;
+        let _ = nginx.child.wait();
+        nginx.child = Command::new("nginx")
+            .arg("-p")
+            .arg(nginx.dir.path())
+            .arg("-c")
+            .arg(nginx.dir.path().join("nginx.conf"))
+            .arg("-e")
+            .arg(nginx.dir.path().join("error.log"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting nginx (apt-get install nginx-light)")?;
+        wait_serving(addr, HELLO)?;
+        Ok(nginx)
+    }
+
+    fn write_conf(&self, body: &str) -> Result<()> {
+        let d = self.dir.path().display();
+        std::fs::write(
+            self.dir.path().join("nginx.conf"),
+            format!(
+                "worker_processes {w};\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+                 events {{ worker_connections 4096; }}\n\
+                 http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+                 server {{\n    listen {addr} backlog=4096;\n    keepalive_requests 1000000;\n\
+                 location / {{ default_type text/plain; return 200 \"{body}\"; }}\n  }}\n}}\n",
+                w = self.workers,
+                addr = self.addr,
+            ),
+        )?;
+        Ok(())
+    }
+
+    pub fn master_pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Peer for Nginx {
+    fn name(&self) -> &'static str {
+        "nginx"
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn restart_to(&mut self, body: &str) -> Result<()> {
+        self.write_conf(body)?;
+        // What `nginx -s reload` does, without the extra process start.
+        signal(self.master_pid(), "HUP")
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        let _ = signal(self.master_pid(), "QUIT");
+        let _ = self.child.wait();
+        Ok(())
+    }
+}
