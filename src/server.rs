@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, HeaderValue};
 use http::{Request as HttpRequest, Response as HttpResponse, StatusCode, Version};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -193,37 +194,38 @@ async fn call_handler(
         return Err(too_large());
     }
     let (parts, body) = req.into_parts();
-    let body = match Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX))
-        .collect()
-        .await
-    {
-        Ok(collected) => collected.to_bytes(),
-        Err(err) if err.is::<LengthLimitError>() => return Err(too_large()),
-        Err(err) => {
-            debug!(cause = %err, "failed to read the request body");
-            return Err(plain(StatusCode::BAD_REQUEST, "bad request body\n"));
+    let body = if body.is_end_stream() {
+        Bytes::new()
+    } else {
+        match Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX))
+            .collect()
+            .await
+        {
+            Ok(collected) => collected.to_bytes(),
+            Err(err) if err.is::<LengthLimitError>() => return Err(too_large()),
+            Err(err) => {
+                debug!(cause = %err, "failed to read the request body");
+                return Err(plain(StatusCode::BAD_REQUEST, "bad request body\n"));
+            }
         }
     };
     let handler = ctx.handler.clone();
-    let target = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |pq| pq.as_str())
-        .to_owned();
-    // The handler is synchronous and may block: run it off the I/O threads so a slow
-    // handler never stalls accepting or other connections.
-    let outcome = tokio::task::spawn_blocking(move || {
+    let call = move || {
+        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let headers = parts
             .headers
             .iter()
             .map(|(n, v)| (n.as_str(), v.as_bytes()))
             .collect();
-        let request = Request::new(parts.method.as_str(), &target, headers, &body);
-        let result = handler.handle(&request);
-        (result, parts.method, target)
-    })
-    .await;
-    let (result, method, target) = match outcome {
+        let result = handler.handle(&Request::new(parts.method.as_str(), target, headers, &body));
+        (result, parts)
+    };
+    // The handler is synchronous and may block: it runs on the blocking pool, so a slow
+    // handler never stalls accepting, the I/O driver or other connections. (Running it
+    // on the I/O thread is twice as fast for tiny handlers, but a blocked worker can
+    // leave tokio's I/O driver unpolled; see BENCHMARKS.md.)
+    let outcome = tokio::task::spawn_blocking(call).await;
+    let (result, parts) = match outcome {
         Ok(done) => done,
         Err(join) => {
             warn!(
@@ -235,8 +237,10 @@ async fn call_handler(
     };
     result.and_then(to_http).map_err(|err| {
         warn!(
-            "[{}] {method} {target}: {err}; answered 500",
-            std::process::id()
+            "[{}] {} {}: {err}; answered 500",
+            std::process::id(),
+            parts.method,
+            parts.uri
         );
         internal_error()
     })
