@@ -228,7 +228,10 @@ impl Server {
 pub fn check(config: &Config) -> Result<crate::handler::HandlerInfo, Error> {
     let plugin = crate::plugin::LoadedPlugin::load(&config.handler)?;
     crate::lifecycle::check_signal_hook(&config.signals, &plugin)?;
-    Ok(crate::handler::Handler::info(&plugin))
+    Ok(crate::handler::HandlerInfo {
+        sha256: plugin.wait_for_sha256(),
+        ..crate::handler::Handler::info(&plugin)
+    })
 }
 
 /// For a process started by an upgrade that fails before it can build a [`Server`]

@@ -5,6 +5,7 @@
 use std::io::Write as _;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use gem_plugin::abi::{
     ABI_VERSION, ABI_VERSION_SYMBOL, ENTRY_SYMBOL, PluginDescriptor, RawHeader, RawRequest,
@@ -85,6 +86,10 @@ pub enum PluginError {
 pub struct LoadedPlugin {
     descriptor: &'static PluginDescriptor,
     info: HandlerInfo,
+    /// Hashed on a side thread: for a large `.so` it is most of the load time, and an
+    /// upgrade should not wait for it.
+    sha256: Arc<OnceLock<String>>,
+    hashing: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl LoadedPlugin {
@@ -95,10 +100,6 @@ impl LoadedPlugin {
             path: path.clone(),
             source,
         })?;
-        let sha256: String = Sha256::digest(&bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
         let library = open_private_copy(&path, &bytes)?;
         let descriptor = handshake(&path, library)?;
         // SAFETY: both strings are static data of the never-unloaded library.
@@ -114,7 +115,7 @@ impl LoadedPlugin {
             name: text(name, "name")?,
             version: text(version, "version")?,
             abi: Some(descriptor.abi_version),
-            sha256: Some(sha256),
+            sha256: None,
             path: Some(path.clone()),
         };
         // SAFETY: the handshake checked the descriptor; `init` is called once, first.
@@ -127,7 +128,30 @@ impl LoadedPlugin {
                 message: String::from_utf8_lossy(message).into_owned(),
             });
         }
-        Ok(LoadedPlugin { descriptor, info })
+        let sha256 = Arc::new(OnceLock::new());
+        let cell = sha256.clone();
+        let hashing = std::thread::Builder::new()
+            .name("gem-sha256".into())
+            .spawn(move || {
+                let hex = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+                let _ = cell.set(hex);
+            })
+            .ok();
+        Ok(LoadedPlugin {
+            descriptor,
+            info,
+            sha256,
+            hashing: Mutex::new(hashing),
+        })
+    }
+
+    /// Waits for the `.so`'s SHA-256 (computed on a side thread since the load).
+    pub fn wait_for_sha256(&self) -> Option<String> {
+        let handle = self.hashing.lock().ok().and_then(|mut h| h.take());
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+        self.sha256.get().cloned()
     }
 }
 
@@ -259,7 +283,10 @@ impl Handler for LoadedPlugin {
     }
 
     fn info(&self) -> HandlerInfo {
-        self.info.clone()
+        HandlerInfo {
+            sha256: self.sha256.get().cloned(),
+            ..self.info.clone()
+        }
     }
 }
 
@@ -325,7 +352,8 @@ mod tests {
         let plugin = LoadedPlugin::load(&built("hello")).unwrap();
         let info = plugin.info();
         assert_eq!((info.name.as_str(), info.abi), ("hello", Some(ABI_VERSION)));
-        assert_eq!(info.sha256.as_ref().map(String::len), Some(64));
+        assert_eq!(plugin.wait_for_sha256().map(|s| s.len()), Some(64));
+        assert_eq!(plugin.info().sha256, plugin.wait_for_sha256());
         assert!(plugin.has_signal_hook());
         assert_eq!(get(&plugin, "/").unwrap().body, b"Hello world.");
         let err = get(&plugin, "/panic").unwrap_err();
