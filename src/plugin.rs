@@ -133,7 +133,10 @@ impl LoadedPlugin {
         let hashing = std::thread::Builder::new()
             .name("gem-sha256".into())
             .spawn(move || {
-                let hex = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+                let hex = Sha256::digest(&bytes)
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
                 let _ = cell.set(hex);
             })
             .ok();

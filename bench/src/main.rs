@@ -85,7 +85,7 @@ fn main() -> Result<()> {
     section(
         &mut md,
         "6. HTTP/2 through restarts",
-        &http2(&build, &plan)?,
+        &http2(&build, &plan, workers)?,
     );
 
     let doc = format!(
@@ -496,35 +496,53 @@ fn drain_time(build: &Build, plan: &Plan) -> Result<String> {
     Ok(out)
 }
 
-fn http2(build: &Build, plan: &Plan) -> Result<String> {
-    let mut gem = Gem::start(build)?;
-    let addr = gem.addr();
-    let before = gem.generation()?;
+fn h2_with_restarts(peer: &mut dyn Peer, plan: &Plan) -> Result<(tools::H2load, usize)> {
+    let addr = peer.addr();
     let duration = plan.h2;
     let load = std::thread::spawn(move || h2load(addr, duration));
     let start = Instant::now();
     let mut sent = 0;
     while start.elapsed() + Duration::from_millis(750) < duration && !load.is_finished() {
         std::thread::sleep(Duration::from_millis(500));
-        gem.restart_to(alternate(sent))?;
+        peer.restart_to(alternate(sent))?;
         sent += 1;
     }
     let h = load
         .join()
         .map_err(|_| anyhow::anyhow!("h2load thread panicked"))??;
+    Ok((h, sent))
+}
+
+fn http2(build: &Build, plan: &Plan, workers: usize) -> Result<String> {
+    let mut gem = Gem::start(build)?;
+    let before = gem.generation()?;
+    let (g, sent) = h2_with_restarts(&mut gem, plan)?;
     let completed = gem.generation()? - before;
     gem.stop()?;
-    let bad = h.failed + h.errored + h.timeout;
-    Ok(format!(
-        "h2load, 16 connections × 8 streams for {} s, a restart every 0.5 s ({completed} of {sent} completed).\n\n\
-         | requests | succeeded | failed | errored | timeout |\n|---|---|---|---|---|\n\
-         | {} | {} | {} | {} | {} |\n\nTarget: 0 failed or errored streams: {}.\n",
-        plan.h2.as_secs(),
-        h.total,
-        h.succeeded,
-        h.failed,
-        h.errored,
-        h.timeout,
+    let mut nginx = Nginx::start_h2(workers)?;
+    let (n, nginx_sent) = h2_with_restarts(&mut nginx, plan)?;
+    nginx.stop()?;
+    let bad = g.failed + g.errored + g.timeout;
+    let mut out = format!(
+        "h2load, 16 connections × 8 streams for {} s, a restart every 0.5 s.\n\n\
+         | server | requests | succeeded | failed | errored | timeout | restarts |\n\
+         |---|---|---|---|---|---|---|\n",
+        plan.h2.as_secs()
+    );
+    for (name, h, restarts) in [
+        ("gem", &g, format!("{completed} of {sent}")),
+        ("nginx", &n, format!("{nginx_sent} sent")),
+    ] {
+        let _ = writeln!(
+            out,
+            "| {name} | {} | {} | {} | {} | {} | {restarts} |",
+            h.total, h.succeeded, h.failed, h.errored, h.timeout
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nTarget: 0 failed or errored streams for gem: {}.",
         verdict(bad == 0, || format!("{bad} streams"))
-    ))
+    );
+    Ok(out)
 }

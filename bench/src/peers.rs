@@ -61,6 +61,18 @@ pub fn wait_serving(addr: SocketAddr, body: &str) -> Result<()> {
     bail!("{addr} did not answer {body:?} within 20s")
 }
 
+/// Waits until something accepts connections on `addr`.
+pub fn wait_port(addr: SocketAddr) -> Result<()> {
+    let start = Instant::now();
+    while TcpStream::connect(addr).is_err() {
+        if start.elapsed() > Duration::from_secs(20) {
+            bail!("nothing listens on {addr}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
 /// `GET /` on a new connection; the body.
 pub fn get(addr: SocketAddr) -> Result<String> {
     let mut s = TcpStream::connect(addr)?;
@@ -288,10 +300,21 @@ pub struct Nginx {
     dir: tempfile::TempDir,
     addr: SocketAddr,
     workers: usize,
+    /// Serve HTTP/2 with prior knowledge instead of HTTP/1.
+    h2: bool,
 }
 
 impl Nginx {
     pub fn start(workers: usize) -> Result<Nginx> {
+        Nginx::start_with(workers, false)
+    }
+
+    /// An nginx that speaks HTTP/2 with prior knowledge (for h2load).
+    pub fn start_h2(workers: usize) -> Result<Nginx> {
+        Nginx::start_with(workers, true)
+    }
+
+    fn start_with(workers: usize, h2: bool) -> Result<Nginx> {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
@@ -300,6 +323,7 @@ impl Nginx {
             dir,
             addr,
             workers,
+            h2,
         };
         nginx.write_conf(HELLO)?;
         let _ = nginx.child.wait();
@@ -314,7 +338,11 @@ impl Nginx {
             .stderr(Stdio::null())
             .spawn()
             .context("starting nginx (apt-get install nginx-light)")?;
-        wait_serving(addr, HELLO)?;
+        if h2 {
+            wait_port(addr)?;
+        } else {
+            wait_serving(addr, HELLO)?;
+        }
         Ok(nginx)
     }
 
@@ -326,10 +354,11 @@ impl Nginx {
                 "worker_processes {w};\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
                  events {{ worker_connections 4096; }}\n\
                  http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
-                 server {{\n    listen {addr} backlog=4096;\n    keepalive_requests 1000000;\n\
+                 server {{\n    listen {addr} backlog=4096{h2};\n    keepalive_requests 1000000;\n\
                  location / {{ default_type text/plain; return 200 \"{body}\"; }}\n  }}\n}}\n",
                 w = self.workers,
                 addr = self.addr,
+                h2 = if self.h2 { " http2" } else { "" },
             ),
         )?;
         Ok(())
