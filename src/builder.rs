@@ -10,8 +10,8 @@ use futures_util::Stream;
 use crate::config::{Config, ListenAddr};
 use crate::error::Error;
 use crate::fds::Inherited;
+use crate::generation::{Exit, HandlerSource, os_signals, start};
 use crate::handler::{FnHandler, Request, Response};
-use crate::lifecycle::{Exit, HandlerSource, os_signals, start};
 use crate::signals::{Action, Signal};
 use crate::upgrade::Launch;
 
@@ -227,7 +227,7 @@ impl Server {
 /// plugin through the full handshake and checks the `plugin` signal action has a hook.
 pub fn check(config: &Config) -> Result<crate::handler::HandlerInfo, Error> {
     let plugin = crate::plugin::LoadedPlugin::load(&config.handler)?;
-    crate::lifecycle::check_signal_hook(&config.signals, &plugin)?;
+    crate::generation::check_signal_hook(&config.signals, &plugin)?;
     Ok(crate::handler::HandlerInfo {
         sha256: plugin.wait_for_sha256(),
         ..crate::handler::Handler::info(&plugin)

@@ -13,7 +13,8 @@
 //! - [`fds`]: inherited and handed-over sockets (gem's own handover and systemd's).
 //! - [`control`]: the control socket: `reload`, `stop`, `status` with their outcome.
 //! - [`upgrade`]: restart: start the new process, wait for ready, roll back on failure.
-//! - `lifecycle`: one process's event loop: signals to actions, upgrade, drain.
+//! - `generation`: one generation: load the handler, open or adopt sockets, serve, drain.
+//! - `lifecycle`: one process's event loop: signals and commands to actions, upgrades.
 //! - `builder`: the library API: [`Server::builder`], [`ServerConfig`].
 //! - [`error`]: the library's [`Error`].
 
@@ -23,6 +24,7 @@ pub mod control;
 pub mod drain;
 pub mod error;
 pub mod fds;
+mod generation;
 pub mod handler;
 mod lifecycle;
 pub mod plugin;
@@ -33,6 +35,6 @@ pub mod upgrade;
 pub use builder::{Builder, Server, ServerConfig, check, report_startup_failure};
 pub use config::Config;
 pub use error::Error;
+pub use generation::Exit;
 pub use handler::{Handler, Request, Response};
-pub use lifecycle::Exit;
 pub use signals::{Action, Signal, SignalRegistry};

@@ -62,16 +62,6 @@ impl ServeContext {
             http: Arc::new(http),
         }
     }
-
-    /// The drain signal of this generation.
-    pub fn drain(&self) -> &DrainSignal {
-        &self.drain
-    }
-
-    /// The handler.
-    pub fn handler(&self) -> &Arc<dyn Handler> {
-        &self.handler
-    }
 }
 
 /// Accepts connections on `listener` until the drain begins, spawning each onto

@@ -98,9 +98,10 @@ fn status_matches_reality() {
         assert_eq!(code, 0, "{out}");
     }
     let request = spawn_get(gem.addr, "/sleep?ms=1500");
-    let status = wait_for("the request to show as in flight", || {
+    // The plugin's sha256 is computed on a side thread after the load.
+    let status = wait_for("the request in flight and the plugin hashed", || {
         let s = gem.status();
-        (s["in_flight"] == 1).then_some(s)
+        (s["in_flight"] == 1 && s["plugin"]["sha256"].is_string()).then_some(s)
     });
     assert_eq!(status["pid"], gem.pid());
     assert_eq!(status["generation"], 3);

@@ -1,0 +1,375 @@
+//! One generation of the server: load the handler, open (or adopt) the sockets, serve,
+//! announce readiness, and drain with the reference's log lines.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixListener as StdUnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_util::{Stream, StreamExt};
+use tokio::io::BufReader;
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, ListenAddr};
+use crate::control::{self, Call};
+use crate::drain::{DrainOutcome, DrainSignal};
+use crate::error::Error;
+use crate::fds::{Inherited, open_listeners};
+use crate::handler::Handler;
+use crate::plugin::LoadedPlugin;
+use crate::server::{ServeContext, accept_loop};
+use crate::signals::{Action, Signal, SignalRegistry};
+use crate::upgrade::ReadyChannel;
+
+/// Where requests go.
+#[derive(Clone)]
+pub(crate) enum HandlerSource {
+    /// A handler in this binary.
+    InProcess(Arc<dyn Handler>),
+    /// A plugin `.so`, loaded afresh by every generation.
+    Plugin(PathBuf),
+}
+
+/// How [`crate::Server::run`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Shut down on a signal or `gem stop`; `cut` connections were still open at
+    /// `wait_timeout`.
+    Shutdown {
+        /// Connections cut at the timeout.
+        cut: usize,
+    },
+    /// A new process took over and this one drained.
+    HandedOver {
+        /// The new process.
+        to: u32,
+        /// Connections cut at the timeout.
+        cut: usize,
+    },
+}
+
+/// One listening socket being served.
+pub(crate) struct Listening {
+    pub(crate) addr: ListenAddr,
+    pub(crate) local: SocketAddr,
+    /// A duplicate kept for handing over; the accept loop owns the original.
+    pub(crate) fd: OwnedFd,
+    pub(crate) tracker: TaskTracker,
+}
+
+/// The control socket being served.
+pub(crate) struct ControlSocket {
+    pub(crate) path: PathBuf,
+    pub(crate) fd: OwnedFd,
+    /// Taken by the lifecycle loop.
+    pub(crate) calls: Option<mpsc::Receiver<Call>>,
+    pub(crate) stop: CancellationToken,
+    /// Connections being answered, so a final reply is written before exit.
+    pub(crate) answers: TaskTracker,
+}
+
+/// The serving state of this process.
+pub(crate) struct Generation {
+    pub(crate) pid: u32,
+    pub(crate) number: u64,
+    pub(crate) config: Config,
+    pub(crate) handler: Arc<dyn Handler>,
+    pub(crate) listening: Vec<Listening>,
+    pub(crate) control: Option<ControlSocket>,
+    pub(crate) drain: DrainSignal,
+    pub(crate) started: Instant,
+    /// The process that handed over to this one, for generations after the first.
+    pub(crate) parent_pid: Option<u32>,
+}
+
+/// Loads the handler, opens the listeners and the control socket, starts accepting.
+/// On failure, the error comes back with the parent's ready channel, to report on.
+pub(crate) async fn start(
+    config: Config,
+    source: HandlerSource,
+    inherited: Inherited,
+) -> Result<(Generation, Option<ReadyChannel>), (Error, Option<ReadyChannel>)> {
+    let ready = inherited.ready.map(ReadyChannel::new);
+    let started = start_serving(
+        config,
+        source,
+        inherited.listeners,
+        inherited.control,
+        inherited.generation,
+    )
+    .await;
+    match started {
+        Ok(generation) => Ok((generation, ready)),
+        Err(err) => Err((err, ready)),
+    }
+}
+
+async fn start_serving(
+    config: Config,
+    source: HandlerSource,
+    inherited: Vec<(String, std::net::TcpListener)>,
+    inherited_control: Option<StdUnixListener>,
+    number: u64,
+) -> Result<Generation, Error> {
+    let pid = std::process::id();
+    let handler = load_handler(source).await?;
+    check_signal_hook(&config.signals, handler.as_ref())?;
+    let sockets =
+        open_listeners(&config.listen, inherited).map_err(|(addr, source)| Error::Listen {
+            addr: addr.spec,
+            source,
+        })?;
+    let control = match &config.control_socket {
+        Some(path) => Some(open_control(path, inherited_control)?),
+        None => None,
+    };
+    let drain = DrainSignal::new(config.idle_grace);
+    let ctx = ServeContext::new(handler.clone(), config.limits, drain.clone());
+    let mut listening = Vec::with_capacity(sockets.len());
+    for (addr, socket) in sockets {
+        listening.push(serve_listener(addr, socket, &ctx)?);
+    }
+    log_handler(pid, handler.as_ref());
+    Ok(Generation {
+        pid,
+        number,
+        config,
+        handler,
+        listening,
+        control,
+        drain,
+        started: Instant::now(),
+        parent_pid: (number > 1).then(std::os::unix::process::parent_id),
+    })
+}
+
+fn serve_listener(
+    addr: ListenAddr,
+    socket: std::net::TcpListener,
+    ctx: &ServeContext,
+) -> Result<Listening, Error> {
+    let fd = socket
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(Error::io("duplicating a listener"))?;
+    socket
+        .set_nonblocking(true)
+        .map_err(Error::io("configuring a listener"))?;
+    let local = socket
+        .local_addr()
+        .map_err(Error::io("reading a listener's address"))?;
+    let listener =
+        tokio::net::TcpListener::from_std(socket).map_err(Error::io("registering a listener"))?;
+    let tracker = TaskTracker::new();
+    tokio::spawn(accept_loop(listener, ctx.clone(), tracker.clone()));
+    info!(
+        "[{}] listening on http://{local} (listen = {:?})",
+        std::process::id(),
+        addr.spec
+    );
+    Ok(Listening {
+        addr,
+        local,
+        fd,
+        tracker,
+    })
+}
+
+/// Adopts the inherited control socket (a new generation never re-binds the live
+/// path) or binds a fresh one, and starts answering on it.
+fn open_control(path: &Path, inherited: Option<StdUnixListener>) -> Result<ControlSocket, Error> {
+    let file_err = |source| Error::File {
+        path: path.to_owned(),
+        source,
+    };
+    // The inherited socket serves only if the path is unchanged; a new path is bound
+    // afresh and the old socket closes with the old generation.
+    let same_path = |l: &StdUnixListener| {
+        l.local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(|p| p == path))
+            .unwrap_or(false)
+    };
+    let listener = match inherited.filter(same_path) {
+        Some(l) => l,
+        None => control::bind(path).map_err(file_err)?,
+    };
+    let fd = listener.as_fd().try_clone_to_owned().map_err(file_err)?;
+    listener.set_nonblocking(true).map_err(file_err)?;
+    let listener = tokio::net::UnixListener::from_std(listener).map_err(file_err)?;
+    let (tx, calls) = mpsc::channel(16);
+    let stop = CancellationToken::new();
+    let answers = TaskTracker::new();
+    tokio::spawn(control::serve(listener, tx, stop.clone(), answers.clone()));
+    Ok(ControlSocket {
+        path: path.to_owned(),
+        fd,
+        calls: Some(calls),
+        stop,
+        answers,
+    })
+}
+
+fn log_handler(pid: u32, handler: &dyn Handler) {
+    let info = handler.info();
+    match (&info.path, info.abi) {
+        (Some(path), Some(abi)) => info!(
+            "[{pid}] handler {} {} (plugin ABI {abi}) from {}",
+            info.name,
+            info.version,
+            path.display()
+        ),
+        _ => info!("[{pid}] handler {} (in-process)", info.name),
+    }
+}
+
+async fn load_handler(source: HandlerSource) -> Result<Arc<dyn Handler>, Error> {
+    match source {
+        HandlerSource::InProcess(h) => Ok(h),
+        HandlerSource::Plugin(path) => {
+            // A plugin's init may block; keep it off the I/O threads.
+            let loaded = tokio::task::spawn_blocking(move || LoadedPlugin::load(&path))
+                .await
+                .map_err(|e| Error::Io {
+                    context: "loading the plugin",
+                    source: std::io::Error::other(e.to_string()),
+                })??;
+            Ok(Arc::new(loaded))
+        }
+    }
+}
+
+/// The `plugin` action needs a handler with an `on_signal` hook.
+pub(crate) fn check_signal_hook(
+    signals: &SignalRegistry,
+    handler: &dyn Handler,
+) -> Result<(), Error> {
+    match signals.iter().find(|(_, a)| *a == Action::Plugin) {
+        Some((signal, _)) if !handler.has_signal_hook() => Err(Error::NoSignalHook {
+            signal,
+            handler: handler.info().name,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Tells systemd (when `NOTIFY_SOCKET` is set) about a lifecycle step.
+pub(crate) fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(err) = sd_notify::notify(states) {
+        debug!(cause = %err, "sd_notify failed");
+    }
+}
+
+impl Generation {
+    /// Announces that this generation serves: log line, pid file, parent's ready.
+    pub(crate) async fn announce(
+        &self,
+        ready: Option<ReadyChannel>,
+    ) -> Result<Option<BufReader<UnixStream>>, Error> {
+        info!("Server started at process {}", self.pid);
+        if let Some(path) = &self.config.pid_file {
+            if let Err(err) = write_pid_file(path, self.pid) {
+                if let Some(channel) = ready {
+                    channel.fail(&err.to_string());
+                }
+                return Err(err);
+            }
+        }
+        match ready {
+            Some(channel) => {
+                let stream = channel
+                    .ready()
+                    .await
+                    .map_err(Error::io("telling the old process we are ready"))?;
+                Ok(Some(BufReader::new(stream)))
+            }
+            None => {
+                notify(&[sd_notify::NotifyState::Ready]);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Lets control replies already decided reach their clients before the exit.
+    pub(crate) async fn flush_answers(&self) {
+        if let Some(control) = &self.control {
+            control.answers.close();
+            let _ = tokio::time::timeout(Duration::from_secs(1), control.answers.wait()).await;
+        }
+    }
+
+    /// The drain, with the reference's log lines. Returns how many connections were cut.
+    pub(crate) async fn drain_all(&self) -> usize {
+        let pid = self.pid;
+        for l in &self.listening {
+            info!("[{pid}] shutting down the server({})...", l.local);
+        }
+        self.drain.begin();
+        let deadline = tokio::time::Instant::now() + self.config.wait_timeout;
+        let trackers: Vec<_> = self.listening.iter().map(|l| l.tracker.clone()).collect();
+        let outcomes = self.drain.finish(&trackers, deadline).await;
+        let mut total = 0;
+        for (l, outcome) in self.listening.iter().zip(outcomes) {
+            match outcome {
+                DrainOutcome::Clean => info!("[{pid}] server({}) shutdown successfully.", l.local),
+                DrainOutcome::TimedOut { cut } => {
+                    total += cut;
+                    warn!(
+                        "[{pid}] server({}) has been shutdown, but some existing connections reach error: timeout. ({cut} cut after {})",
+                        l.local,
+                        humantime::format_duration(self.config.wait_timeout)
+                    );
+                }
+            }
+        }
+        info!("[{pid}] all of old servers have been shutdown successfully.");
+        total
+    }
+}
+
+pub(crate) fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Writes `pid` to `path` atomically: a temporary file in the same directory, renamed.
+pub(crate) fn write_pid_file(path: &Path, pid: u32) -> Result<(), Error> {
+    let file_err = |source| Error::File {
+        path: path.to_owned(),
+        source,
+    };
+    let tmp = path.with_extension(format!("tmp.{pid}"));
+    std::fs::write(&tmp, format!("{pid}\n")).map_err(file_err)?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        file_err(e)
+    })
+}
+
+/// Removes the pid file on a final stop, unless another process has taken it over.
+pub(crate) fn remove_pid_file(path: &Path, pid: u32) {
+    let ours = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        == Some(pid);
+    if ours {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Real Unix signals for every signal in `registry`, as a stream.
+pub(crate) fn os_signals(
+    registry: &SignalRegistry,
+) -> Result<impl Stream<Item = Signal> + Unpin + use<>, Error> {
+    let numbers: Vec<i32> = registry.iter().map(|(s, _)| s.number()).collect();
+    let signals = signal_hook_tokio::Signals::new(numbers)
+        .map_err(Error::io("installing signal handlers"))?;
+    Ok(signals.filter_map(|n| std::future::ready(Signal::from_number(n))))
+}
