@@ -1,6 +1,5 @@
 //! What [`export_plugin!`](crate::export_plugin) expands to: the safe glue between the
 //! C ABI and a [`Plugin`](crate::Plugin). Not part of the public API.
-#![allow(unsafe_code)]
 
 use std::cell::RefCell;
 use std::ffi::c_void;
@@ -75,6 +74,7 @@ pub fn init<T: Plugin>(cell: &'static OnceLock<T>) -> RawStr {
 ///
 /// `req` must point to a valid `RawRequest` whose pointers are valid for the call, and
 /// `resp` to writable memory for a `RawResponse`.
+#[allow(unsafe_code)]
 pub unsafe fn handle<T: Plugin>(
     cell: &'static OnceLock<T>,
     req: *const RawRequest,
@@ -148,6 +148,7 @@ impl Owned {
     /// # Safety
     ///
     /// `resp` must be writable.
+    #[allow(unsafe_code)]
     unsafe fn into_raw(self, status: u16, resp: *mut RawResponse) {
         let mut boxed = Box::new(self);
         boxed.raw_headers = boxed
@@ -177,6 +178,7 @@ impl Owned {
 /// # Safety
 ///
 /// `resp` must have been filled by [`handle`] and not freed since.
+#[allow(unsafe_code)]
 pub unsafe extern "C" fn free_response(resp: *mut RawResponse) {
     if resp.is_null() {
         return;
@@ -212,6 +214,7 @@ macro_rules! export_plugin {
 
             static PLUGIN: ::std::sync::OnceLock<$plugin> = ::std::sync::OnceLock::new();
 
+            #[allow(unsafe_code)]
             unsafe extern "C" fn init() -> RawStr {
                 $crate::__export::init::<$plugin>(&PLUGIN)
             }
@@ -222,6 +225,7 @@ macro_rules! export_plugin {
                 unsafe { $crate::__export::handle::<$plugin>(&PLUGIN, req, resp) }
             }
 
+            #[allow(unsafe_code)]
             unsafe extern "C" fn on_signal(signo: i32) {
                 $crate::__export::on_signal::<$plugin>(&PLUGIN, signo)
             }
