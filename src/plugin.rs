@@ -293,11 +293,11 @@ impl Handler for LoadedPlugin {
     }
 }
 
-/// Copies a plugin's response into host-owned memory.
+/// Copies a plugin's response into host-owned memory. The plugin keeps everything `resp`
+/// points to alive until `free_response`, which the caller runs only after this returns.
 fn copy_response(resp: &RawResponse) -> Result<Response, HandlerError> {
-    // SAFETY (for every `as_bytes` below): the plugin keeps the response's memory alive
-    // until `free_response`, which the caller runs only after this returns.
     if resp.status == 0 {
+        // SAFETY: alive until `free_response`, as above.
         let message = unsafe { resp.error.as_bytes() };
         return Err(HandlerError::Panicked(
             String::from_utf8_lossy(message).into_owned(),
@@ -314,13 +314,16 @@ fn copy_response(resp: &RawResponse) -> Result<Response, HandlerError> {
     };
     let mut headers = Vec::with_capacity(raw_headers.len());
     for h in raw_headers {
+        // SAFETY: header strings are alive as above.
         let (name, value) = unsafe { (h.name.as_bytes(), h.value.as_bytes()) };
         headers.push((text(name)?, text(value)?));
     }
+    // SAFETY: alive as above.
+    let body = unsafe { resp.body.as_bytes() }.to_vec();
     Ok(Response {
         status: resp.status,
         headers,
-        body: unsafe { resp.body.as_bytes() }.to_vec(),
+        body,
     })
 }
 

@@ -211,12 +211,15 @@ fn alternate(i: usize) -> &'static str {
     if i % 2 == 0 { UPGRADED } else { HELLO }
 }
 
-/// Runs wrk against `peer` while restarting it every 0.5 s; returns wrk's report and the
-/// number of restarts sent.
-fn load_with_restarts(peer: &mut dyn Peer, plan: &Plan, close: bool) -> Result<(Wrk, usize)> {
+/// Runs `load` against `peer` for `duration` while restarting the peer every 0.5 s;
+/// returns the load's report and the number of restarts sent.
+fn with_restarts<T: Send + 'static>(
+    peer: &mut dyn Peer,
+    duration: Duration,
+    load: impl FnOnce(std::net::SocketAddr, Duration) -> Result<T> + Send + 'static,
+) -> Result<(T, usize)> {
     let addr = peer.addr();
-    let duration = plan.load;
-    let load = std::thread::spawn(move || wrk(addr, 64, duration, close));
+    let load = std::thread::spawn(move || load(addr, duration));
     let start = Instant::now();
     let mut sent = 0;
     while start.elapsed() + Duration::from_millis(750) < duration && !load.is_finished() {
@@ -226,7 +229,7 @@ fn load_with_restarts(peer: &mut dyn Peer, plan: &Plan, close: bool) -> Result<(
     }
     let report = load
         .join()
-        .map_err(|_| anyhow::anyhow!("wrk thread panicked"))??;
+        .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
     Ok((report, sent))
 }
 
@@ -245,13 +248,13 @@ fn restarts_under_load(build: &Build, plan: &Plan, workers: usize) -> Result<Str
         };
         let mut gem = Gem::start(build)?;
         let before = gem.generation()?;
-        let (w, sent) = load_with_restarts(&mut gem, plan, close)?;
+        let (w, sent) = with_restarts(&mut gem, plan.load, move |a, d| wrk(a, 64, d, close))?;
         let completed = gem.generation()? - before;
         gem.stop()?;
         gem_errors += w.errors();
         row(&mut out, "gem", mode, &w, &format!("{completed} of {sent}"));
         let mut nginx = Nginx::start(workers)?;
-        let (w, sent) = load_with_restarts(&mut nginx, plan, close)?;
+        let (w, sent) = with_restarts(&mut nginx, plan.load, move |a, d| wrk(a, 64, d, close))?;
         nginx.stop()?;
         row(&mut out, "nginx", mode, &w, &format!("{sent} sent"));
     }
@@ -271,27 +274,21 @@ fn row(out: &mut String, name: &str, mode: &str, w: &Wrk, restarts: &str) {
     );
 }
 
-/// Signal to the first response with the new body, on a new connection each poll.
-fn latencies(
-    peer: &mut dyn Peer,
-    n: usize,
-    wait_handover: impl Fn(&dyn Peer) -> Result<()>,
-) -> Result<Vec<f64>> {
+/// Signal to the first response with the new body, on a new connection each poll;
+/// sorted, in ms.
+fn latencies(peer: &mut dyn Peer, n: usize) -> Result<Vec<f64>> {
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let body = alternate(i);
         let t0 = Instant::now();
         peer.restart_to(body)?;
-        loop {
-            if peers::get(peer.addr()).ok().as_deref() == Some(body) {
-                break;
-            }
+        while peers::get(peer.addr()).ok().as_deref() != Some(body) {
             if t0.elapsed() > Duration::from_secs(30) {
                 bail!("{} did not switch to {body:?}", peer.name());
             }
         }
         out.push(t0.elapsed().as_secs_f64() * 1000.0);
-        wait_handover(peer)?;
+        peer.settle()?;
     }
     out.sort_by(f64::total_cmp);
     Ok(out)
@@ -299,38 +296,10 @@ fn latencies(
 
 fn restart_latency(build: &Build, plan: &Plan, workers: usize) -> Result<String> {
     let mut gem = Gem::start(build)?;
-    let gem_dir = gem.dir.path().to_owned();
-    let mut last_pid = gem.pid()?;
-    let mut gem_ms = Vec::new();
-    // Before the next signal, the pid file must name the new generation.
-    for i in 0..plan.latency_restarts {
-        let t0 = Instant::now();
-        let body = alternate(i);
-        gem.restart_to(body)?;
-        while peers::get(gem.addr()).ok().as_deref() != Some(body) {
-            if t0.elapsed() > Duration::from_secs(30) {
-                bail!("gem did not switch");
-            }
-        }
-        gem_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
-        let start = Instant::now();
-        loop {
-            let pid: u32 = std::fs::read_to_string(gem_dir.join("gem.pid"))?
-                .trim()
-                .parse()?;
-            if pid != last_pid {
-                last_pid = pid;
-                break;
-            }
-            if start.elapsed() > Duration::from_secs(30) {
-                bail!("pid file did not change");
-            }
-        }
-    }
+    let gem_ms = latencies(&mut gem, plan.latency_restarts)?;
     gem.stop()?;
-    gem_ms.sort_by(f64::total_cmp);
     let mut nginx = Nginx::start(workers)?;
-    let nginx_ms = latencies(&mut nginx, plan.latency_restarts, |_| Ok(()))?;
+    let nginx_ms = latencies(&mut nginx, plan.latency_restarts)?;
     nginx.stop()?;
     let mut out = format!(
         "{} restarts each, alternating bodies; from the signal to the first new-body \
@@ -431,7 +400,8 @@ fn memory(build: &Build, plan: &Plan) -> Result<String> {
         peers::count_processes("gem"),
     );
     for i in 0..plan.leak_restarts {
-        gem.restart_and_wait(alternate(i))?;
+        gem.restart_to(alternate(i))?;
+        gem.settle()?;
     }
     let last = gem.pid()?;
     let start = Instant::now();
@@ -521,31 +491,14 @@ fn drain_time(build: &Build, plan: &Plan) -> Result<String> {
     Ok(out)
 }
 
-fn h2_with_restarts(peer: &mut dyn Peer, plan: &Plan) -> Result<(tools::H2load, usize)> {
-    let addr = peer.addr();
-    let duration = plan.h2;
-    let load = std::thread::spawn(move || h2load(addr, duration));
-    let start = Instant::now();
-    let mut sent = 0;
-    while start.elapsed() + Duration::from_millis(750) < duration && !load.is_finished() {
-        std::thread::sleep(Duration::from_millis(500));
-        peer.restart_to(alternate(sent))?;
-        sent += 1;
-    }
-    let h = load
-        .join()
-        .map_err(|_| anyhow::anyhow!("h2load thread panicked"))??;
-    Ok((h, sent))
-}
-
 fn http2(build: &Build, plan: &Plan, workers: usize) -> Result<String> {
     let mut gem = Gem::start(build)?;
     let before = gem.generation()?;
-    let (g, sent) = h2_with_restarts(&mut gem, plan)?;
+    let (g, sent) = with_restarts(&mut gem, plan.h2, h2load)?;
     let completed = gem.generation()? - before;
     gem.stop()?;
     let mut nginx = Nginx::start_h2(workers)?;
-    let (n, nginx_sent) = h2_with_restarts(&mut nginx, plan)?;
+    let (n, nginx_sent) = with_restarts(&mut nginx, plan.h2, h2load)?;
     nginx.stop()?;
     let bad = g.failed + g.errored + g.timeout;
     let mut out = format!(

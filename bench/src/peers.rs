@@ -137,6 +137,10 @@ pub trait Peer {
     fn addr(&self) -> SocketAddr;
     /// Starts a restart that makes `/` answer `body`; returns at once.
     fn restart_to(&mut self, body: &str) -> Result<()>;
+    /// Waits until the last restart is complete enough for the next one.
+    fn settle(&mut self) -> Result<()> {
+        Ok(())
+    }
     fn stop(&mut self) -> Result<()>;
 }
 
@@ -146,6 +150,8 @@ pub struct Gem {
     addr: SocketAddr,
     so: PathBuf,
     build: Build,
+    /// The pid the last restart was sent to.
+    restarted: Option<u32>,
 }
 
 impl Gem {
@@ -175,6 +181,7 @@ impl Gem {
             addr,
             so,
             build: build.clone(),
+            restarted: None,
         })
     }
 
@@ -182,22 +189,6 @@ impl Gem {
     pub fn pid(&self) -> Result<u32> {
         let text = std::fs::read_to_string(self.dir.path().join("gem.pid"))?;
         Ok(text.trim().parse()?)
-    }
-
-    /// Restarts and waits until the pid file names a new, different process.
-    pub fn restart_and_wait(&mut self, body: &str) -> Result<u32> {
-        let old = self.pid()?;
-        self.restart_to(body)?;
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(30) {
-            if let Ok(pid) = self.pid() {
-                if pid != old {
-                    return Ok(pid);
-                }
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        bail!("gem did not hand over within 30s")
     }
 
     /// The serving generation number, from `gem status --json`.
@@ -238,7 +229,24 @@ impl Peer for Gem {
         let tmp = self.so.with_extension("new");
         std::fs::copy(from, &tmp)?;
         std::fs::rename(&tmp, &self.so)?;
-        signal(self.pid()?, "HUP")
+        let pid = self.pid()?;
+        self.restarted = Some(pid);
+        signal(pid, "HUP")
+    }
+
+    /// The pid file must name the new generation before the next signal.
+    fn settle(&mut self) -> Result<()> {
+        let Some(old) = self.restarted else {
+            return Ok(());
+        };
+        let start = Instant::now();
+        while self.pid().ok() == Some(old) || self.pid().is_err() {
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("gem did not hand over within 30s");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
     }
 
     fn stop(&mut self) -> Result<()> {

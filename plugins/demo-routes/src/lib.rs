@@ -1,10 +1,44 @@
-//! The routes shared by the `hello` and `upgraded` demo plugins; each answers `/` with
-//! its own greeting.
+//! The demo handler shared by the `hello` and `upgraded` plugins: the same test routes,
+//! each plugin with its own greeting on `/`.
 
+use std::marker::PhantomData;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use gem_plugin::{Request, Response};
+use gem_plugin::{Plugin, Request, Response};
+
+/// The text a demo plugin answers on `/`.
+pub trait Greeting: Send + Sync + 'static {
+    /// The greeting.
+    const TEXT: &'static str;
+}
+
+/// A demo plugin greeting with `G`: export it with
+/// `gem_plugin::export_plugin!(demo_routes::Demo<MyGreeting>)`.
+#[derive(Debug)]
+pub struct Demo<G> {
+    signals: Signals,
+    greeting: PhantomData<fn() -> G>,
+}
+
+impl<G: Greeting> Plugin for Demo<G> {
+    const HAS_SIGNAL_HOOK: bool = true;
+
+    fn init() -> Result<Self, String> {
+        Ok(Demo {
+            signals: Signals::default(),
+            greeting: PhantomData,
+        })
+    }
+
+    fn handle(&self, req: &Request<'_>) -> Response {
+        route(req, G::TEXT, &self.signals)
+    }
+
+    fn on_signal(&self, signo: i32) {
+        self.signals.record(signo);
+    }
+}
 
 /// Signals received through the `plugin` action, for `GET /signals`.
 #[derive(Debug, Default)]

@@ -208,6 +208,7 @@ macro_rules! export_plugin {
     ($plugin:ty) => {
         $crate::export_plugin!($plugin, abi_version = $crate::abi::ABI_VERSION);
     };
+    // Undocumented: lets a test plugin claim another ABI, to exercise the host's refusal.
     ($plugin:ty, abi_version = $abi:expr) => {
         const _: () = {
             use $crate::abi::{PluginDescriptor, RawRequest, RawResponse, RawStr};
@@ -233,8 +234,8 @@ macro_rules! export_plugin {
             static DESCRIPTOR: PluginDescriptor = PluginDescriptor {
                 abi_version: $abi,
                 struct_size: ::std::mem::size_of::<PluginDescriptor>() as u32,
-                name: RawStr::from_bytes(env!("CARGO_PKG_NAME").as_bytes()),
-                version: RawStr::from_bytes(env!("CARGO_PKG_VERSION").as_bytes()),
+                name: RawStr::from_bytes(::std::env!("CARGO_PKG_NAME").as_bytes()),
+                version: RawStr::from_bytes(::std::env!("CARGO_PKG_VERSION").as_bytes()),
                 init,
                 handle,
                 free_response: $crate::__export::free_response,
@@ -258,4 +259,157 @@ macro_rules! export_plugin {
             }
         };
     };
+}
+
+#[cfg(test)]
+#[allow(unsafe_code)]
+mod tests {
+    use super::*;
+    use crate::abi::{ABI_VERSION, PluginDescriptor};
+
+    struct Probe;
+
+    impl Plugin for Probe {
+        const HAS_SIGNAL_HOOK: bool = true;
+
+        fn init() -> Result<Self, String> {
+            Ok(Probe)
+        }
+
+        fn handle(&self, req: &Request<'_>) -> Response {
+            match req.path() {
+                "/panic" => panic!("probe panics"),
+                _ => Response::text(200, req.target()).with_header("x-method", req.method()),
+            }
+        }
+    }
+
+    // Expanded inside this crate, so the workspace lints and clippy check the expansion.
+    crate::export_plugin!(Probe);
+
+    unsafe extern "C" {
+        // The symbol the macro above exports.
+        fn gem_plugin_entry_v1() -> *const PluginDescriptor;
+    }
+
+    fn descriptor() -> &'static PluginDescriptor {
+        // SAFETY: the entry point returns a pointer to a static descriptor.
+        unsafe { &*gem_plugin_entry_v1() }
+    }
+
+    /// Status, headers, body and error of one call through a C-ABI `handle`.
+    type Answer = (u16, Vec<(String, String)>, Vec<u8>, String);
+
+    fn call(
+        handle: impl Fn(*const RawRequest, *mut RawResponse),
+        method: &[u8],
+        target: &[u8],
+    ) -> Answer {
+        let header = RawHeader {
+            name: RawStr::from_bytes(b"host"),
+            value: RawStr::from_bytes(b"x"),
+        };
+        let req = RawRequest {
+            method: RawStr::from_bytes(method),
+            target: RawStr::from_bytes(target),
+            headers: &header,
+            headers_len: 1,
+            body: RawStr::EMPTY,
+        };
+        let mut resp = std::mem::MaybeUninit::<RawResponse>::uninit();
+        handle(&req, resp.as_mut_ptr());
+        // SAFETY: `handle` always fills `resp`.
+        let mut resp = unsafe { resp.assume_init() };
+        let text = |s: RawStr| {
+            // SAFETY: the response's strings live until `free_response`, below.
+            String::from_utf8(unsafe { s.as_bytes() }.to_vec()).unwrap_or_default()
+        };
+        // SAFETY: as above.
+        let headers = unsafe { std::slice::from_raw_parts(resp.headers, resp.headers_len) };
+        let answer = (
+            resp.status,
+            headers
+                .iter()
+                .map(|h| (text(h.name), text(h.value)))
+                .collect(),
+            // SAFETY: as above.
+            unsafe { resp.body.as_bytes() }.to_vec(),
+            text(resp.error),
+        );
+        // SAFETY: filled by `handle`, freed once.
+        unsafe { free_response(&mut resp) };
+        assert!(resp.owner.is_null());
+        answer
+    }
+
+    #[test]
+    fn the_exported_descriptor_serves_requests_and_survives_panics() {
+        let d = descriptor();
+        assert_eq!(d.abi_version, ABI_VERSION);
+        assert_eq!(d.struct_size as usize, size_of::<PluginDescriptor>());
+        // SAFETY: static strings.
+        let (name, version) = unsafe { (d.name.as_bytes(), d.version.as_bytes()) };
+        assert_eq!((name, version), (&b"gem-plugin"[..], &b"0.1.0"[..]));
+        assert!(d.on_signal.is_some());
+
+        // SAFETY: `init` takes no input; its empty answer means success.
+        assert_eq!(unsafe { (d.init)() }.len, 0);
+        // SAFETY: `call` passes a valid request and a writable response.
+        let handle = |req, resp| unsafe { (d.handle)(req, resp) };
+        let (status, headers, body, _) = call(handle, b"GET", b"/x?y");
+        assert_eq!((status, body.as_slice()), (200, &b"/x?y"[..]));
+        assert!(headers.contains(&("x-method".into(), "GET".into())));
+
+        let (status, _, _, error) = call(handle, b"GET", b"/panic");
+        assert_eq!(status, 0);
+        assert!(error.starts_with("probe panics (at "), "{error}");
+        assert_eq!(call(handle, b"GET", b"/").0, 200);
+
+        let (status, _, body, _) = call(handle, b"GET", b"/\xff");
+        assert_eq!(status, 400);
+        assert_eq!(body, b"request method or target is not UTF-8\n");
+    }
+
+    #[test]
+    fn handle_before_init_is_an_error_not_ub() {
+        static CELL: OnceLock<Probe> = OnceLock::new();
+        // SAFETY: `call` passes a valid request and a writable response.
+        let handle = |req, resp| unsafe { handle::<Probe>(&CELL, req, resp) };
+        let (status, _, _, error) = call(handle, b"GET", b"/");
+        assert_eq!(status, 0);
+        assert!(error.contains("before a successful init"), "{error}");
+    }
+
+    #[test]
+    fn init_errors_and_panics_become_messages() {
+        struct Refuses;
+        impl Plugin for Refuses {
+            fn init() -> Result<Self, String> {
+                Err("no config".into())
+            }
+            fn handle(&self, _req: &Request<'_>) -> Response {
+                Response::new(200)
+            }
+        }
+        struct Panics;
+        impl Plugin for Panics {
+            fn init() -> Result<Self, String> {
+                panic!("init blew up")
+            }
+            fn handle(&self, _req: &Request<'_>) -> Response {
+                Response::new(200)
+            }
+        }
+        static REFUSES: OnceLock<Refuses> = OnceLock::new();
+        static PANICS: OnceLock<Panics> = OnceLock::new();
+        // SAFETY: init messages are leaked, so live for the process.
+        let message = |s: RawStr| String::from_utf8_lossy(unsafe { s.as_bytes() }).into_owned();
+        assert_eq!(message(init(&REFUSES)), "no config");
+        let panicked = message(init(&PANICS));
+        assert!(
+            panicked.starts_with("init panicked: init blew up"),
+            "{panicked}"
+        );
+        assert!(REFUSES.get().is_none() && PANICS.get().is_none());
+    }
 }
