@@ -141,22 +141,25 @@ impl Builder {
 
 /// A gem server: serves until shut down, upgrades itself on restart.
 ///
-/// ```no_run
-/// use gem::{Action, Response, Server, ServerConfig, Signal};
+/// ```
+/// use gem::{Action, Exit, Response, Server, ServerConfig, Signal};
 /// use std::time::Duration;
 ///
-/// # async fn demo() -> Result<(), gem::Error> {
-/// Server::builder()
-///     .listen("127.0.0.1:8080")
+/// # #[tokio::main] async fn main() -> Result<(), gem::Error> {
+/// let server = Server::builder()
+///     .listen("127.0.0.1:0")
 ///     .handler(|_req| Response::text(200, "Hello world."))
 ///     .signal(Signal::USR2, Action::Restart)?
 ///     .load_config(ServerConfig {
 ///         wait_timeout: Duration::from_secs(30),
 ///         ..Default::default()
 ///     })
-///     .build()?
-///     .run()
+///     .build()?;
+/// // `server.run().await` reacts to real signals; here one SIGTERM is injected.
+/// let exit = server
+///     .run_with_signals(futures_util::stream::iter([Signal::TERM]))
 ///     .await?;
+/// assert_eq!(exit, Exit::Shutdown { cut: 0 });
 /// # Ok(())
 /// # }
 /// ```

@@ -125,15 +125,26 @@ async fn start_serving(
             addr: addr.spec,
             source,
         })?;
+    let drain = DrainSignal::new(config.idle_grace);
+    let ctx = ServeContext::new(handler.clone(), config.limits, drain.clone());
+    // Everything that can fail happens before the first accept: a process that fails
+    // to start must not have taken a connection off a shared socket.
+    let prepared = sockets
+        .into_iter()
+        .map(|(addr, socket)| prepare_listener(addr, socket))
+        .collect::<Result<Vec<_>, _>>()?;
     let control = match &config.control_socket {
         Some(path) => Some(open_control(path, inherited_control)?),
         None => None,
     };
-    let drain = DrainSignal::new(config.idle_grace);
-    let ctx = ServeContext::new(handler.clone(), config.limits, drain.clone());
-    let mut listening = Vec::with_capacity(sockets.len());
-    for (addr, socket) in sockets {
-        listening.push(serve_listener(addr, socket, &ctx)?);
+    let mut listening = Vec::with_capacity(prepared.len());
+    for (l, listener) in prepared {
+        tokio::spawn(accept_loop(listener, ctx.clone(), l.tracker.clone()));
+        info!(
+            "[{pid}] listening on http://{} (listen = {:?})",
+            l.local, l.addr.spec
+        );
+        listening.push(l);
     }
     log_handler(pid, handler.as_ref());
     Ok(Generation {
@@ -149,11 +160,10 @@ async fn start_serving(
     })
 }
 
-fn serve_listener(
+fn prepare_listener(
     addr: ListenAddr,
     socket: std::net::TcpListener,
-    ctx: &ServeContext,
-) -> Result<Listening, Error> {
+) -> Result<(Listening, tokio::net::TcpListener), Error> {
     let fd = socket
         .as_fd()
         .try_clone_to_owned()
@@ -166,19 +176,13 @@ fn serve_listener(
         .map_err(Error::io("reading a listener's address"))?;
     let listener =
         tokio::net::TcpListener::from_std(socket).map_err(Error::io("registering a listener"))?;
-    let tracker = TaskTracker::new();
-    tokio::spawn(accept_loop(listener, ctx.clone(), tracker.clone()));
-    info!(
-        "[{}] listening on http://{local} (listen = {:?})",
-        std::process::id(),
-        addr.spec
-    );
-    Ok(Listening {
+    let serving = Listening {
         addr,
         local,
         fd,
-        tracker,
-    })
+        tracker: TaskTracker::new(),
+    };
+    Ok((serving, listener))
 }
 
 /// Adopts the inherited control socket (a new generation never re-binds the live

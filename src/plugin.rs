@@ -337,7 +337,17 @@ mod tests {
         static BUILD: Once = Once::new();
         BUILD.call_once(|| {
             let status = std::process::Command::new(env!("CARGO"))
-                .args(["build", "-p", "hello", "-p", "upgraded", "-p", "abi-v2"])
+                .args([
+                    "build",
+                    "-p",
+                    "hello",
+                    "-p",
+                    "upgraded",
+                    "-p",
+                    "abi-v2",
+                    "-p",
+                    "slow-init",
+                ])
                 .current_dir(env!("CARGO_MANIFEST_DIR"))
                 .status()
                 .expect("cargo build");

@@ -201,12 +201,17 @@ impl Handover {
         on_spawn(pid);
         let mut reader = BufReader::new(channel);
         let mut line = String::new();
+        let deadline = tokio::time::Instant::now() + timeout;
         let outcome = tokio::select! {
             read = reader.read_line(&mut line) => match read {
                 Ok(n) if n > 0 => parse_report(pid, line.trim_end()),
-                _ => Err(exited(pid, child.wait().await)),
+                // The channel closed: the child is exiting; say how it ended.
+                _ => match tokio::time::timeout_at(deadline, child.wait()).await {
+                    Ok(status) => Err(exited(pid, status)),
+                    Err(_) => Err(UpgradeError::Timeout { pid, after: timeout }),
+                },
             },
-            () = tokio::time::sleep(timeout) => Err(UpgradeError::Timeout { pid, after: timeout }),
+            () = tokio::time::sleep_until(deadline) => Err(UpgradeError::Timeout { pid, after: timeout }),
             () = cancel.cancelled() => Err(UpgradeError::Cancelled { pid }),
         };
         match outcome {

@@ -197,3 +197,23 @@ fn env_overrides_the_file_and_the_flag_overrides_the_env() {
     assert!(line(&["check"], &env).ends_with(" 7s"));
     assert!(line(&["check", "--wait-timeout", "3s"], &env).ends_with(" 3s"));
 }
+
+#[test]
+fn a_client_that_never_finishes_its_headers_is_cut_off() {
+    let gem = Gem::start(Spec::new("hello", "header_read_timeout = \"1s\""));
+    let mut slow = TcpStream::connect(gem.addr).unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nx-slow: ")
+        .unwrap();
+    slow.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    let start = std::time::Instant::now();
+    let mut rest = Vec::new();
+    // The server closes the connection once the head has taken too long.
+    let _ = slow.read_to_end(&mut rest);
+    let took = start.elapsed();
+    assert!(
+        took >= std::time::Duration::from_millis(900) && took < common::DEADLINE,
+        "cut after {took:?}"
+    );
+    assert!(!String::from_utf8_lossy(&rest).contains("Hello world."));
+    assert_eq!(get(gem.addr, "/").unwrap().status, 200);
+}

@@ -182,3 +182,25 @@ fn check_validates_without_serving() {
     );
     assert!(err.contains("ABI 2, but this gem speaks ABI 1"), "{err}");
 }
+
+#[test]
+fn an_edited_signal_table_takes_effect_at_the_next_restart() {
+    let mut gem = Gem::start(Spec::new("hello", ""));
+    let toml = gem.dir.path().join("gem.toml");
+    let edited = std::fs::read_to_string(&toml).unwrap() + "[signals]\nUSR1 = \"shutdown\"\n";
+    std::fs::write(&toml, edited).unwrap();
+    // The running process still ignores USR1: it read the file before the edit.
+    let first = gem.pid();
+    gem.signal(Signal::USR1);
+    gem.wait_log(&format!(
+        "[{first}] ignored signal \"user defined signal 1\"."
+    ));
+    let second = gem.restart(Signal::HUP);
+    common::signal_pid(second, Signal::USR1);
+    common::wait_for("the new generation to shut down on USR1", || {
+        (!alive(second)).then_some(())
+    });
+    gem.wait_log(&format!(
+        "[{second}] received signal \"user defined signal 1\"."
+    ));
+}

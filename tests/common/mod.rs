@@ -23,14 +23,35 @@ pub fn gem_bin() -> PathBuf {
 }
 
 /// A plugin built by the workspace, e.g. `plugin("hello")` -> `.../libhello.so`.
+/// `cargo test` builds no cdylib artifact, so the first call builds the plugins.
 pub fn plugin(name: &str) -> PathBuf {
+    static BUILD: std::sync::Once = std::sync::Once::new();
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "-p",
+                "hello",
+                "-p",
+                "upgraded",
+                "-p",
+                "abi-v2",
+                "-p",
+                "slow-init",
+            ])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("running cargo build for the plugins");
+        assert!(status.success(), "building the plugins failed");
+    });
     let path = gem_bin()
         .parent()
         .unwrap()
         .join(format!("lib{}.so", name.replace('-', "_")));
     assert!(
         path.exists(),
-        "{} is missing: run the workspace build (cargo test --workspace builds it)",
+        "{} is missing after building the plugins",
         path.display()
     );
     path
