@@ -44,7 +44,8 @@ enum Command {
 struct ClientArgs {
     #[command(flatten)]
     config: ConfigArgs,
-    /// How long to wait for the outcome [default: upgrade_timeout or wait_timeout, plus 10s].
+    /// How long to wait for the outcome [default: 10s more than upgrade_timeout (reload) or
+    /// wait_timeout (stop)].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     timeout: Option<Duration>,
 }
@@ -67,6 +68,9 @@ struct ConfigArgs {
     /// Config file [default: ./gem.toml if it exists]. A named file must exist.
     #[arg(long, short = 'c', value_name = "FILE")]
     config: Option<PathBuf>,
+    /// The control socket that gem reload / stop / status talk to [default: from the config].
+    #[arg(long, value_name = "FILE")]
+    control_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -88,9 +92,6 @@ struct ServeArgs {
     /// Where the serving process writes its pid.
     #[arg(long, value_name = "FILE")]
     pid_file: Option<PathBuf>,
-    /// The control socket for gem reload / stop / status.
-    #[arg(long, value_name = "FILE")]
-    control_socket: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -101,7 +102,7 @@ impl ServeArgs {
             wait_timeout: self.wait_timeout.clone(),
             upgrade_timeout: self.upgrade_timeout.clone(),
             pid_file: self.pid_file.clone(),
-            control_socket: self.control_socket.clone(),
+            control_socket: self.config.control_socket.clone(),
         }
     }
 }
@@ -127,7 +128,11 @@ fn main() -> ExitCode {
 
 impl ConfigArgs {
     fn load(&self) -> anyhow::Result<Config> {
-        Ok(Config::load(self.config.as_deref(), &Overrides::default())?)
+        let overrides = Overrides {
+            control_socket: self.control_socket.clone(),
+            ..Overrides::default()
+        };
+        Ok(Config::load(self.config.as_deref(), &overrides)?)
     }
 }
 
