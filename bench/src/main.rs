@@ -500,7 +500,8 @@ fn http2(build: &Build, plan: &Plan, workers: usize) -> Result<String> {
     let mut nginx = Nginx::start_h2(workers)?;
     let (n, nginx_sent) = with_restarts(&mut nginx, plan.h2, h2load)?;
     nginx.stop()?;
-    let bad = g.failed + g.errored + g.timeout;
+    // h2load's "failed" already counts the errored and timed-out streams.
+    let bad = g.failed;
     let mut out = format!(
         "h2load, 16 connections × 8 streams for {} s, a restart every 0.5 s.\n\n\
          | server | requests | succeeded | failed | errored | timeout | restarts |\n\
