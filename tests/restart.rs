@@ -80,7 +80,7 @@ fn restarts_under_load_fail_no_request() {
         });
         // Keep each generation under load for a while, so the test spans seconds.
         wait_for("load on the new generation", || {
-            (load.ok() > before + 1500).then_some(())
+            (load.ok() > before + 2500).then_some(())
         });
     }
     let before_stop = load.ok();
