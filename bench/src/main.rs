@@ -412,6 +412,13 @@ fn memory(build: &Build, plan: &Plan) -> Result<String> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = peers::get(gem.addr());
+    // The new process closes its end of the handover channel once it notices that the
+    // old one has exited; give it that moment before counting.
+    let start = Instant::now();
+    while peers::fd_count(last).unwrap_or(0) > before.0 && start.elapsed() < Duration::from_secs(5)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let after = (
         peers::fd_count(last).unwrap_or(0),
         peers::rss_kib(last).unwrap_or(0),
