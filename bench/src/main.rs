@@ -38,11 +38,16 @@ const NOTES: &str = "## Reading the misses
   dlopen, init. About 1 ms of gem's time is the spawn, 2 ms the new process. A plugin
   with debug info (4.4 MB) took 15 ms until its SHA-256 moved to a side thread and the
   demo plugins lost their debug info.
-- **HTTP/2.** h2load (nghttp2 1.52) does not reconnect after a GOAWAY: at the first
-  restart its clients stop, and the requests it had queued but not sent are counted as
-  failed and errored. The same h2load against gem without restarts: 0 errors. nginx
-  shows the same pattern. gem's own test (`tests/restart.rs`) checks that an HTTP/2
-  stream in flight during a restart completes and the client sees GOAWAY, not a reset.
+- **HTTP/2.** h2load (nghttp2 1.52) does not reconnect after a GOAWAY: a client stops
+  at its first one, and the requests it had queued but not sent are counted as failed.
+  gem sends GOAWAY at every restart (so the old process can drain and exit), hence few
+  requests and a few failures per run; the same h2load against gem without restarts
+  has 0 errors, and against nginx with its default `keepalive_requests` (1000 per
+  connection, then GOAWAY) the same loss appears without any reload. nginx's own
+  reload may leave HTTP/2 connections on its old workers, which then keep serving
+  them; that is why its request count varies between runs. gem's test
+  (`tests/restart.rs`) checks that a stream in flight during a restart completes and
+  the client sees GOAWAY, not a reset.
 ";
 
 /// How long and how often; `--quick` shrinks everything for a smoke run.
