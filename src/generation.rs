@@ -9,8 +9,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::{Stream, StreamExt};
-use tokio::io::BufReader;
-use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -25,7 +23,7 @@ use crate::handler::Handler;
 use crate::plugin::LoadedPlugin;
 use crate::server::{ServeContext, accept_loop};
 use crate::signals::{Action, Signal, SignalRegistry};
-use crate::upgrade::ReadyChannel;
+use crate::upgrade::{Channel, ReadyChannel};
 
 /// Where requests go.
 #[derive(Clone)]
@@ -275,7 +273,7 @@ impl Generation {
     pub(crate) async fn announce(
         &self,
         ready: Option<ReadyChannel>,
-    ) -> Result<Option<BufReader<UnixStream>>, Error> {
+    ) -> Result<Option<Channel>, Error> {
         info!("Server started at process {}", self.pid);
         if let Some(path) = &self.config.pid_file {
             if let Err(err) = write_pid_file(path, self.pid) {
@@ -291,7 +289,7 @@ impl Generation {
                     .ready()
                     .await
                     .map_err(Error::io("telling the old process we are ready"))?;
-                Ok(Some(BufReader::new(stream)))
+                Ok(Some(stream))
             }
             None => {
                 notify(&[sd_notify::NotifyState::Ready]);

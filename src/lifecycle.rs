@@ -7,8 +7,6 @@ use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use futures_util::{Stream, StreamExt};
-use tokio::io::BufReader;
-use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -19,7 +17,7 @@ use crate::drain::DrainSignal;
 use crate::error::Error;
 use crate::generation::{Exit, Generation, notify, remove_pid_file, unix_ms, write_pid_file};
 use crate::signals::{Action, Signal};
-use crate::upgrade::{FromParent, Handover, Launch, UpgradeError, Upgraded, from_parent};
+use crate::upgrade::{Channel, FromParent, Handover, Launch, UpgradeError, Upgraded};
 
 /// What the loop does next.
 enum Next {
@@ -60,7 +58,7 @@ impl Generation {
         mut self,
         launch: Launch,
         mut signals: impl Stream<Item = Signal> + Unpin,
-        mut parent: Option<BufReader<UnixStream>>,
+        mut parent: Option<Channel>,
     ) -> Result<Exit, Error> {
         let mut calls = self.control.as_mut().and_then(|c| c.calls.take());
         // A generation born of an upgrade reports that upgrade until it makes its own.
@@ -94,7 +92,7 @@ impl Generation {
                 },
                 joined = async { (&mut life.upgrade.as_mut()?.task).await.ok() },
                     if life.upgrade.is_some() => life.on_upgrade_done(joined).await,
-                msg = async { from_parent(parent.as_mut()?).await }, if parent.is_some() => {
+                msg = async { parent.as_mut()?.next().await }, if parent.is_some() => {
                     match msg {
                         Some(msg) => life.on_parent(msg),
                         None => { parent = None; life.draining.clear(); }
@@ -393,11 +391,7 @@ impl Lifecycle {
     }
 
     /// Stops a running upgrade (its child is killed and reaped), drains, cleans up.
-    async fn finish(
-        mut self,
-        next: Next,
-        parent: Option<BufReader<UnixStream>>,
-    ) -> Result<Exit, Error> {
+    async fn finish(mut self, next: Next, parent: Option<Channel>) -> Result<Exit, Error> {
         let pid = self.pid();
         if let Some(running) = self.upgrade.take() {
             running.cancel.cancel();
@@ -454,7 +448,7 @@ impl Lifecycle {
 /// remain here (and relays what older generations report), so `gem status` can show it.
 async fn relay_drain(
     mut child: Upgraded,
-    mut parent: Option<BufReader<UnixStream>>,
+    mut parent: Option<Channel>,
     drain: DrainSignal,
     done: CancellationToken,
 ) {
@@ -472,7 +466,7 @@ async fn relay_drain(
                     return;
                 }
             }
-            msg = async { from_parent(parent.as_mut()?).await }, if parent.is_some() => match msg {
+            msg = async { parent.as_mut()?.next().await }, if parent.is_some() => match msg {
                 Some(FromParent::Restart) => {}
                 Some(msg) => { let _ = child.send(&msg).await; }
                 None => parent = None,

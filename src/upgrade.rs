@@ -263,13 +263,13 @@ impl ReadyChannel {
         ReadyChannel(stream)
     }
 
-    /// Tells the parent this process serves; returns a stream of restart requests the
-    /// parent forwards afterwards.
-    pub async fn ready(self) -> std::io::Result<UnixStream> {
+    /// Tells the parent this process serves; returns the channel on which the parent
+    /// sends what happens afterwards (a forwarded restart, its drain's progress).
+    pub async fn ready(self) -> std::io::Result<Channel> {
         let mut stream = self.0;
         writeln!(stream, "ready {}", std::process::id())?;
         stream.set_nonblocking(true)?;
-        UnixStream::from_std(stream)
+        Ok(Channel::new(UnixStream::from_std(stream)?))
     }
 
     /// Tells the parent why this process could not start.
@@ -326,19 +326,44 @@ impl FromParent {
     }
 }
 
-/// The next message from the old process; `None` once it has gone. Unknown lines are
-/// skipped.
-pub async fn from_parent(channel: &mut BufReader<UnixStream>) -> Option<FromParent> {
-    loop {
-        let mut line = String::new();
-        match channel.read_line(&mut line).await {
-            Ok(n) if n > 0 => {
-                if let Some(msg) = FromParent::parse(&line) {
-                    return Some(msg);
-                }
-            }
-            _ => return None,
+/// The channel between two generations after the handover, read as lines. Reading is
+/// cancellation-safe (a partly read line waits in `pending`), so it can sit in a
+/// `select!` with other events without losing a message.
+#[derive(Debug)]
+pub struct Channel {
+    stream: BufReader<UnixStream>,
+    pending: Vec<u8>,
+}
+
+impl Channel {
+    /// Wraps one end of the handover channel.
+    pub fn new(stream: UnixStream) -> Self {
+        Channel {
+            stream: BufReader::new(stream),
+            pending: Vec::new(),
         }
+    }
+
+    /// The next message from the old process; `None` once it has gone. Unknown lines
+    /// are skipped.
+    pub async fn next(&mut self) -> Option<FromParent> {
+        loop {
+            match self.stream.read_until(b'\n', &mut self.pending).await {
+                Ok(n) if n > 0 && self.pending.ends_with(b"\n") => {
+                    let line = String::from_utf8_lossy(&self.pending).into_owned();
+                    self.pending.clear();
+                    if let Some(msg) = FromParent::parse(&line) {
+                        return Some(msg);
+                    }
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// Sends one message.
+    pub async fn send(&mut self, msg: &FromParent) -> std::io::Result<()> {
+        self.stream.get_mut().write_all(msg.line().as_bytes()).await
     }
 }
 
