@@ -221,7 +221,7 @@ impl Server {
                 return Err(err);
             }
         };
-        let parent = generation.announce(ready).await?;
+        let parent = generation.announce(ready).await;
         generation.run(launch, signals, parent).await
     }
 }

@@ -135,6 +135,9 @@ async fn start_serving(
         Some(path) => Some(open_control(path, inherited_control)?),
         None => None,
     };
+    if let Some(path) = &config.pid_file {
+        write_pid_file(path, pid)?;
+    }
     let mut listening = Vec::with_capacity(prepared.len());
     for (l, listener) in prepared {
         tokio::spawn(accept_loop(listener, ctx.clone(), l.tracker.clone()));
@@ -269,31 +272,25 @@ pub(crate) fn notify(states: &[sd_notify::NotifyState<'_>]) {
 }
 
 impl Generation {
-    /// Announces that this generation serves: log line, pid file, parent's ready.
-    pub(crate) async fn announce(
-        &self,
-        ready: Option<ReadyChannel>,
-    ) -> Result<Option<Channel>, Error> {
+    /// Announces that this generation serves: the log line, then `ready` to the old
+    /// process (whose channel comes back) or `READY=1` to systemd.
+    pub(crate) async fn announce(&self, ready: Option<ReadyChannel>) -> Option<Channel> {
         info!("Server started at process {}", self.pid);
-        if let Some(path) = &self.config.pid_file {
-            if let Err(err) = write_pid_file(path, self.pid) {
-                if let Some(channel) = ready {
-                    channel.fail(&err.to_string());
-                }
-                return Err(err);
-            }
-        }
         match ready {
-            Some(channel) => {
-                let stream = channel
-                    .ready()
-                    .await
-                    .map_err(Error::io("telling the old process we are ready"))?;
-                Ok(Some(stream))
-            }
+            Some(channel) => match channel.ready().await {
+                Ok(stream) => Some(stream),
+                Err(err) => {
+                    // The old process is gone: this one is all there is, so it serves on.
+                    warn!(
+                        "[{}] could not tell the old process we are ready: {err}",
+                        self.pid
+                    );
+                    None
+                }
+            },
             None => {
                 notify(&[sd_notify::NotifyState::Ready]);
-                Ok(None)
+                None
             }
         }
     }
