@@ -111,7 +111,7 @@ impl Default for Limits {
         Limits {
             max_body_size: 1024 * 1024,
             max_header_size: 64 * 1024,
-            max_headers: 100,
+            max_headers: crate::server::HYPER_MAX_HEADERS,
             header_read_timeout: Duration::from_secs(10),
         }
     }

@@ -2,9 +2,15 @@
 //! accepting, close idle connections after a grace, wait for in-flight requests, cut the
 //! rest at `wait_timeout`.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::net::Shutdown;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+
+use socket2::{SockRef, Socket};
+use tracing::debug;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +34,10 @@ struct Inner {
     in_flight: AtomicUsize,
     /// Open client connections.
     connections: AtomicUsize,
+    /// A duplicate of each open connection's socket, by connection number, so the cut
+    /// can close a connection whose task is stuck in a handler running inline.
+    sockets: Mutex<HashMap<u64, Socket>>,
+    next_connection: AtomicU64,
     /// How long an idle keep-alive connection may linger once draining.
     idle_grace: Duration,
 }
@@ -44,20 +54,35 @@ pub enum DrainOutcome {
     },
 }
 
+/// How long cut connection tasks get to end by themselves before their sockets are
+/// shut down under them.
+const CUT_GRACE: Duration = Duration::from_millis(100);
+
 /// Counts a request (or a connection) for as long as it lives.
 #[derive(Debug)]
 pub struct Counted {
     inner: Arc<Inner>,
-    connection: bool,
+    /// The connection's number; `None` for a request.
+    connection: Option<u64>,
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        let counter = match self.connection {
-            true => &self.inner.connections,
-            false => &self.inner.in_flight,
-        };
-        counter.fetch_sub(1, Ordering::Relaxed);
+        match self.connection {
+            Some(id) => {
+                self.inner.connections.fetch_sub(1, Ordering::Relaxed);
+                self.inner.sockets().remove(&id);
+            }
+            None => {
+                self.inner.in_flight.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn sockets(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Socket>> {
+        self.sockets.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -71,6 +96,8 @@ impl DrainSignal {
                 cut: CancellationToken::new(),
                 in_flight: AtomicUsize::new(0),
                 connections: AtomicUsize::new(0),
+                sockets: Mutex::default(),
+                next_connection: AtomicU64::new(0),
                 idle_grace,
             }),
         }
@@ -114,16 +141,24 @@ impl DrainSignal {
         self.inner.in_flight.fetch_add(1, Ordering::Relaxed);
         Counted {
             inner: self.inner.clone(),
-            connection: false,
+            connection: None,
         }
     }
 
-    /// Counts one open connection until the guard drops.
-    pub fn connection(&self) -> Counted {
+    /// Counts one open connection on `socket` until the guard drops.
+    pub fn connection(&self, socket: &impl AsFd) -> Counted {
         self.inner.connections.fetch_add(1, Ordering::Relaxed);
+        let id = self.inner.next_connection.fetch_add(1, Ordering::Relaxed);
+        match SockRef::from(socket).try_clone() {
+            Ok(dup) => {
+                self.inner.sockets().insert(id, dup);
+            }
+            // Out of fds: this connection can still be cut, unless a handler holds it.
+            Err(err) => debug!(cause = %err, "could not keep a handle to cut the connection"),
+        }
         Counted {
             inner: self.inner.clone(),
-            connection: true,
+            connection: Some(id),
         }
     }
 
@@ -159,8 +194,14 @@ impl DrainSignal {
             })
             .collect();
         self.inner.cut.cancel();
-        // Cut connection tasks return at their next poll; nothing blocks on them.
-        futures_util::future::join_all(trackers.iter().map(TaskTracker::wait)).await;
+        // Cut connection tasks return at their next poll, except one stuck in a handler
+        // running on its worker thread: shut its socket down under it, and go on.
+        let all = futures_util::future::join_all(trackers.iter().map(TaskTracker::wait));
+        if tokio::time::timeout(CUT_GRACE, all).await.is_err() {
+            for socket in self.inner.sockets().values() {
+                let _ = socket.shutdown(Shutdown::Both);
+            }
+        }
         outcomes
     }
 }
@@ -220,11 +261,14 @@ mod tests {
         let drain = DrainSignal::new(Duration::ZERO);
         let a = drain.request();
         let b = drain.request();
-        let c = drain.connection();
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let c = drain.connection(&socket);
         assert_eq!(drain.in_flight(), 2);
         assert_eq!(drain.connections(), 1);
+        assert_eq!(drain.inner.sockets().len(), 1);
         drop(c);
         assert_eq!(drain.connections(), 0);
+        assert!(drain.inner.sockets().is_empty());
         drop(a);
         assert_eq!(drain.in_flight(), 1);
         drop(b);

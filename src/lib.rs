@@ -26,6 +26,7 @@ pub mod error;
 pub mod fds;
 mod generation;
 pub mod handler;
+mod inline;
 mod lifecycle;
 pub mod plugin;
 pub mod server;

@@ -22,21 +22,38 @@ use tracing::{debug, error, warn};
 use crate::config::Limits;
 use crate::drain::DrainSignal;
 use crate::handler::{Handler, HandlerError, Request, Response};
+use crate::inline::Runner;
 
 type Body = Full<Bytes>;
 
-/// Everything a connection task needs, shared by all connections of a generation.
-#[derive(Clone)]
-pub struct ServeContext {
+/// hyper's own HTTP/1 header-count limit, and gem's default `max_headers`.
+pub(crate) const HYPER_MAX_HEADERS: usize = 100;
+
+/// Everything a connection task needs, shared by all connections of a generation
+/// (one reference count per request, not one per field).
+#[derive(Clone, Debug)]
+pub struct ServeContext(Arc<Shared>);
+
+/// The part of a [`ServeContext`] all its clones share.
+pub struct Shared {
     handler: Arc<dyn Handler>,
     limits: Limits,
     drain: DrainSignal,
-    http: Arc<auto::Builder<TokioExecutor>>,
+    http: auto::Builder<TokioExecutor>,
+    runner: Runner,
 }
 
-impl std::fmt::Debug for ServeContext {
+impl std::ops::Deref for ServeContext {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServeContext")
+        f.debug_struct("Shared")
             .field("limits", &self.limits)
             .finish_non_exhaustive()
     }
@@ -49,18 +66,23 @@ impl ServeContext {
         http.http1()
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_read_timeout)
-            .max_buf_size(limits.max_header_size)
-            .max_headers(limits.max_headers);
+            .max_buf_size(limits.max_header_size);
+        // hyper parses up to 100 headers in a stack array; any explicit limit makes it
+        // allocate per request (about 5 % of throughput, says its documentation).
+        if limits.max_headers != HYPER_MAX_HEADERS {
+            http.http1().max_headers(limits.max_headers);
+        }
         http.http2()
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(limits.max_header_size).unwrap_or(u32::MAX))
             .max_concurrent_streams(256);
-        ServeContext {
+        ServeContext(Arc::new(Shared {
             handler,
             limits,
             drain,
-            http: Arc::new(http),
-        }
+            http,
+            runner: Runner::for_current_runtime(),
+        }))
     }
 }
 
@@ -103,7 +125,7 @@ fn is_per_connection_error(err: &std::io::Error) -> bool {
 /// once; HTTP/1 gets `Connection: close` on its next response and, if it stays idle for
 /// the grace, is closed. At the cut the connection is dropped.
 async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: ServeContext) {
-    let _counted = ctx.drain.connection();
+    let _counted = ctx.drain.connection(&stream);
     let _ = stream.set_nodelay(true);
     let is_h2 = Arc::new(AtomicBool::new(false));
     let service = {
@@ -184,7 +206,8 @@ async fn call_handler(
         return Err(too_large());
     }
     let (parts, body) = req.into_parts();
-    let body = if body.is_end_stream() {
+    let bodiless = body.is_end_stream();
+    let body = if bodiless {
         Bytes::new()
     } else {
         match Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX))
@@ -210,16 +233,14 @@ async fn call_handler(
         let result = handler.handle(&Request::new(parts.method.as_str(), target, headers, &body));
         (result, parts)
     };
-    // The handler is synchronous and may block: it runs on the blocking pool, so a slow
-    // handler never stalls accepting, the I/O driver or other connections. (Running it
-    // on the I/O thread is twice as fast for tiny handlers, but a blocked worker can
-    // leave tokio's I/O driver unpolled; see BENCHMARKS.md.)
-    let outcome = tokio::task::spawn_blocking(call).await;
+    // Reading a body may have woken the connection task onto this worker (HTTP/2 flow
+    // control); a handler run inline would hold it up, so only bodiless calls may.
+    let outcome = ctx.runner.run(bodiless, call).await;
     let (result, parts) = match outcome {
         Ok(done) => done,
-        Err(join) => {
+        Err(why) => {
             warn!(
-                "[{}] handler task failed: {join}; answered 500",
+                "[{}] handler task failed: {why}; answered 500",
                 std::process::id()
             );
             return Err(internal_error());
