@@ -2,7 +2,6 @@
 //! the ABI handshake before touching anything else, and calls the plugin panic-safely.
 #![allow(unsafe_code)]
 
-use std::io::Write as _;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -96,11 +95,7 @@ impl LoadedPlugin {
     /// Loads the plugin at `path` through the full handshake and runs its `init`.
     pub fn load(path: &Path) -> Result<LoadedPlugin, PluginError> {
         let path = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
-        let bytes = std::fs::read(&path).map_err(|source| PluginError::Read {
-            path: path.clone(),
-            source,
-        })?;
-        let library = open_private_copy(&path, &bytes)?;
+        let (library, copy) = open_private_copy(&path)?;
         let descriptor = handshake(&path, library)?;
         // SAFETY: both strings are static data of the never-unloaded library.
         let (name, version) =
@@ -133,11 +128,9 @@ impl LoadedPlugin {
         let hashing = std::thread::Builder::new()
             .name("gem-sha256".into())
             .spawn(move || {
-                let hex = Sha256::digest(&bytes)
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect();
-                let _ = cell.set(hex);
+                if let Ok(digest) = sha256_of(copy) {
+                    let _ = cell.set(digest);
+                }
             })
             .ok();
         Ok(LoadedPlugin {
@@ -158,22 +151,44 @@ impl LoadedPlugin {
     }
 }
 
-/// dlopens a sealed in-memory copy of `bytes`, so that rewriting the user's file in
-/// place can never change the code this process runs. The memfd and the library are
-/// leaked on purpose: never closing the fd also keeps its `/proc/self/fd/N` name unique,
-/// so the dynamic loader can never mistake a later plugin for this one.
-fn open_private_copy(path: &Path, bytes: &[u8]) -> Result<&'static Library, PluginError> {
+/// The hex SHA-256 of the sealed copy (read from its start).
+fn sha256_of(mut copy: std::fs::File) -> std::io::Result<String> {
+    use std::io::{Seek, SeekFrom};
+    copy.seek(SeekFrom::Start(0))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut copy, &mut hasher)?;
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// dlopens a sealed in-memory copy of the file at `path`, so that rewriting the user's
+/// file in place can never change the code this process runs. The kernel copies the
+/// bytes (no pass through this process). Returns the library and a handle on the copy,
+/// for hashing. The memfd and the library are leaked on purpose: never closing the fd
+/// also keeps its `/proc/self/fd/N` name unique, so the dynamic loader can never mistake
+/// a later plugin for this one.
+fn open_private_copy(path: &Path) -> Result<(&'static Library, std::fs::File), PluginError> {
+    let read_err = |source| PluginError::Read {
+        path: path.to_owned(),
+        source,
+    };
     let copy_err = |reason: String| PluginError::Copy {
         path: path.to_owned(),
         reason,
     };
+    let mut source = std::fs::File::open(path).map_err(read_err)?;
     let memfd = memfd::MemfdOptions::new()
         .allow_sealing(true)
         .close_on_exec(true)
         .create("gem-plugin")
         .map_err(|e| copy_err(e.to_string()))?;
     let mut file = memfd.into_file();
-    file.write_all(bytes).map_err(|e| copy_err(e.to_string()))?;
+    // Read errors (a directory, an unreadable file) are far likelier than memfd ones.
+    std::io::copy(&mut source, &mut file).map_err(read_err)?;
+    let copy = file.try_clone().map_err(|e| copy_err(e.to_string()))?;
     let memfd = memfd::Memfd::try_from_file(file)
         .map_err(|_| copy_err("the copy is not a memfd".into()))?;
     memfd
@@ -192,7 +207,7 @@ fn open_private_copy(path: &Path, bytes: &[u8]) -> Result<&'static Library, Plug
         source,
     })?;
     std::mem::forget(memfd);
-    Ok(Box::leak(Box::new(library)))
+    Ok((Box::leak(Box::new(library)), copy))
 }
 
 /// The ABI handshake: the version symbol first, then the entry point and the descriptor.

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use sha2::Digest as _;
+
 use common::client::{get, spawn_get};
 use common::{Gem, Signal, Spec, alive, plugin, run_gem, wait_for};
 
@@ -92,7 +94,7 @@ fn reload_with_nobody_listening_exits_2() {
 
 #[test]
 fn status_matches_reality() {
-    let (mut gem, _) = swappable("", &[]);
+    let (mut gem, so) = swappable("", &[]);
     for _ in 0..2 {
         let (code, out, _) = gem_cmd(&gem, &["reload"]);
         assert_eq!(code, 0, "{out}");
@@ -108,7 +110,11 @@ fn status_matches_reality() {
     assert_eq!(status["listen"][0], gem.addr.to_string());
     assert_eq!(status["plugin"]["name"], "hello");
     assert_eq!(status["plugin"]["abi"], 1);
-    assert_eq!(status["plugin"]["sha256"].as_str().unwrap().len(), 64);
+    let digest: String = sha2::Sha256::digest(std::fs::read(&so).unwrap())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(status["plugin"]["sha256"], digest);
     assert!(status["connections"].as_u64().unwrap() >= 1);
     assert_eq!(status["last_upgrade"]["result"], "upgraded");
     assert!(status["uptime_ms"].is_u64());
