@@ -115,6 +115,13 @@ impl Builder {
         self
     }
 
+    /// Answers `gem status`, `gem reload` and `gem stop` on a unix socket at `path`
+    /// (mode 0600; none unless set).
+    pub fn control_socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.control_socket = Some(path.into());
+        self
+    }
+
     /// Checks the settings.
     pub fn build(mut self) -> Result<Server, Error> {
         let handler = self.handler.ok_or(Error::NoHandler)?;

@@ -9,8 +9,8 @@
 //! asleep, and tokio wakes one only when a queue holds more than one task. A watchdog
 //! thread covers that: when an inline call has run for a tick with no other starting,
 //! it spawns an empty task from outside the runtime, which wakes a sleeping worker; that
-//! worker then polls the driver while the call goes on. The watchdog sleeps for good
-//! once inline calls stop, and the next one wakes it.
+//! worker then polls the driver while the call goes on. The watchdog sleeps with no
+//! deadline until the first inline call and again whenever they stop for a while.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
@@ -45,7 +45,7 @@ struct State {
     slots: usize,
     /// Inline calls started so far: the watchdog's sign of progress.
     started: AtomicU64,
-    /// Set by the watchdog before it parks with no deadline.
+    /// Set while the watchdog is parked with no deadline (so at first).
     asleep: AtomicBool,
 }
 
@@ -62,7 +62,7 @@ impl Runner {
             free: AtomicUsize::new(slots),
             slots,
             started: AtomicU64::new(0),
-            asleep: AtomicBool::new(false),
+            asleep: AtomicBool::new(true),
         });
         let watchdog = match (handle, slots) {
             (Some(handle), 1..) => {
@@ -147,6 +147,8 @@ fn catch_panic<T>(call: impl FnOnce() -> T) -> Result<T, String> {
 }
 
 fn watch(state: &Weak<State>, runtime: &Handle) {
+    // It starts asleep: the first inline call wakes it.
+    std::thread::park();
     let mut seen = u64::MAX;
     let mut quiet = 0;
     let mut poked = false;

@@ -4,21 +4,9 @@
 
 use std::time::Duration;
 
-use futures_util::Stream;
+use gem::control::{self, Command, ReplyBody};
 use gem::{Action, Exit, Response, Server, ServerConfig, Signal};
 use tokio::sync::mpsc;
-
-/// A signal source the test controls.
-fn channel_stream() -> (
-    mpsc::UnboundedSender<Signal>,
-    impl Stream<Item = Signal> + Unpin,
-) {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    (
-        tx,
-        futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)),
-    )
-}
 
 #[test]
 fn set_signal_refuses_what_the_rules_forbid() {
@@ -64,25 +52,73 @@ fn load_config_keeps_current_values_for_zero_fields() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_signals_drive_the_lifecycle() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("gem.sock");
     let server = Server::builder()
         .listen("127.0.0.1:0")
         .handler(|_| Response::text(200, "Hello world."))
+        .control_socket(&socket)
         .signal(Signal::USR2, Action::Shutdown)
         .unwrap()
         .build()
         .unwrap();
-    let (tx, signals) = channel_stream();
+    // Room for one signal: a send returns once the lifecycle has taken the one before.
+    let (tx, mut rx) = mpsc::channel(1);
+    let signals = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
     let run = tokio::spawn(server.run_with_signals(signals));
-    // Ignored signals leave it running.
-    tx.send(Signal::USR1).unwrap();
-    tx.send(Signal::USR1).unwrap();
-    tokio::task::yield_now().await;
+    let addr = serving_address(&socket).await;
+
+    // Ignored signals leave it running and serving.
+    for _ in 0..3 {
+        tx.send(Signal::USR1).await.unwrap();
+    }
+    let answer = tokio::task::spawn_blocking(move || hello(&addr))
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("Hello world."), "{answer}");
     assert!(!run.is_finished());
-    tx.send(Signal::USR2).unwrap();
+
+    tx.send(Signal::USR2).await.unwrap();
     let exit = tokio::time::timeout(Duration::from_secs(10), run)
         .await
         .expect("shutdown in time")
         .unwrap()
         .unwrap();
     assert_eq!(exit, Exit::Shutdown { cut: 0 });
+    assert!(!socket.exists(), "a final stop removes the control socket");
+}
+
+/// Waits (10 s at most) for the control socket to answer `status`; returns the first
+/// listening address.
+async fn serving_address(socket: &std::path::Path) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(reply) = control::call(socket, Command::Status, Duration::from_secs(1)).await
+            && let ReplyBody::Status(status) = reply.body
+        {
+            return status.listen[0].clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no status on {}",
+            socket.display()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// `GET /` over a fresh connection; the whole answer.
+fn hello(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
 }

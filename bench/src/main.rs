@@ -2,7 +2,8 @@
 //! machine: restarts under load, restart latency, throughput, memory and leaks, drain
 //! time, HTTP/2 through restarts. Prints a table and rewrites BENCHMARKS.md.
 //!
-//! Run it through `bench/run [--quick]`, which installs the tools and builds first.
+//! Run it through `bench/run [--quick] [--only 2,3]`, which installs the tools and builds
+//! first.
 
 mod peers;
 mod tools;
@@ -90,7 +91,20 @@ impl Plan {
 }
 
 fn main() -> Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    // `--only 2,3` runs just those scenarios (and leaves BENCHMARKS.md alone).
+    let only: Option<Vec<usize>> = match args.iter().position(|a| a == "--only") {
+        Some(i) => Some(
+            args.get(i + 1)
+                .context("--only needs scenario numbers, e.g. --only 2,3")?
+                .split(',')
+                .map(|n| n.trim().parse().context("--only takes numbers 1 to 6"))
+                .collect::<Result<_>>()?,
+        ),
+        None => None,
+    };
+    let wants = |n: usize| only.as_ref().is_none_or(|o| o.contains(&n));
     let plan = Plan::new(quick);
     let root = std::env::current_dir()?;
     let build = Build::at(&root)?;
@@ -98,28 +112,40 @@ fn main() -> Result<()> {
     let mut md = String::new();
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
 
-    section(
-        &mut md,
-        "1. Restarts under load",
-        &restarts_under_load(&build, &plan, workers)?,
-    );
-    section(
-        &mut md,
-        "2. Restart latency",
-        &restart_latency(&build, &plan, workers)?,
-    );
-    section(
-        &mut md,
-        "3. Throughput (keep-alive)",
-        &throughput(&build, &plan, workers)?,
-    );
-    section(&mut md, "4. Memory and leaks", &memory(&build, &plan)?);
-    section(&mut md, "5. Drain time", &drain_time(&build, &plan)?);
-    section(
-        &mut md,
-        "6. HTTP/2 through restarts",
-        &http2(&build, &plan, workers)?,
-    );
+    if wants(1) {
+        section(
+            &mut md,
+            "1. Restarts under load",
+            &restarts_under_load(&build, &plan, workers)?,
+        );
+    }
+    if wants(2) {
+        section(
+            &mut md,
+            "2. Restart latency",
+            &restart_latency(&build, &plan, workers)?,
+        );
+    }
+    if wants(3) {
+        section(
+            &mut md,
+            "3. Throughput (keep-alive)",
+            &throughput(&build, &plan, workers)?,
+        );
+    }
+    if wants(4) {
+        section(&mut md, "4. Memory and leaks", &memory(&build, &plan)?);
+    }
+    if wants(5) {
+        section(&mut md, "5. Drain time", &drain_time(&build, &plan)?);
+    }
+    if wants(6) {
+        section(
+            &mut md,
+            "6. HTTP/2 through restarts",
+            &http2(&build, &plan, workers)?,
+        );
+    }
 
     let doc = format!(
         "{}\n{md}\nWhole run: {:.0} s.\n\n{NOTES}",
@@ -127,7 +153,7 @@ fn main() -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     print!("{doc}");
-    if !quick {
+    if !quick && only.is_none() {
         std::fs::write(root.join("BENCHMARKS.md"), &doc).context("writing BENCHMARKS.md")?;
         eprintln!("wrote BENCHMARKS.md");
     }
@@ -288,8 +314,9 @@ fn latencies(peer: &mut dyn Peer, n: usize) -> Result<Vec<f64>> {
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let body = alternate(i);
+        peer.stage(body)?;
         let t0 = Instant::now();
-        peer.restart_to(body)?;
+        peer.signal_restart()?;
         while peers::get(peer.addr()).ok().as_deref() != Some(body) {
             if t0.elapsed() > Duration::from_secs(30) {
                 bail!("{} did not switch to {body:?}", peer.name());

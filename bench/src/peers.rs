@@ -122,12 +122,18 @@ pub fn count_processes(name: &str) -> usize {
 }
 
 pub fn signal(pid: u32, sig: &str) -> Result<()> {
-    let status = Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .status()?;
-    if !status.success() {
-        bail!("kill -{sig} {pid} failed");
-    }
+    use rustix::process::{Pid, Signal, kill_process};
+    let signo = match sig {
+        "HUP" => Signal::HUP,
+        "TERM" => Signal::TERM,
+        "QUIT" => Signal::QUIT,
+        other => bail!("no such signal here: {other}"),
+    };
+    let target = i32::try_from(pid)
+        .ok()
+        .and_then(Pid::from_raw)
+        .with_context(|| format!("bad pid {pid}"))?;
+    kill_process(target, signo).with_context(|| format!("kill -{sig} {pid}"))?;
     Ok(())
 }
 
@@ -135,8 +141,15 @@ pub fn signal(pid: u32, sig: &str) -> Result<()> {
 pub trait Peer {
     fn name(&self) -> &'static str;
     fn addr(&self) -> SocketAddr;
+    /// Prepares the next restart to make `/` answer `body` (files only, no signal).
+    fn stage(&mut self, body: &str) -> Result<()>;
+    /// Starts the staged restart; returns at once.
+    fn signal_restart(&mut self) -> Result<()>;
     /// Starts a restart that makes `/` answer `body`; returns at once.
-    fn restart_to(&mut self, body: &str) -> Result<()>;
+    fn restart_to(&mut self, body: &str) -> Result<()> {
+        self.stage(body)?;
+        self.signal_restart()
+    }
     /// Waits until the last restart is complete enough for the next one.
     fn settle(&mut self) -> Result<()> {
         Ok(())
@@ -220,7 +233,7 @@ impl Peer for Gem {
         self.addr
     }
 
-    fn restart_to(&mut self, body: &str) -> Result<()> {
+    fn stage(&mut self, body: &str) -> Result<()> {
         let from = if body == HELLO {
             &self.build.hello_so
         } else {
@@ -229,6 +242,10 @@ impl Peer for Gem {
         let tmp = self.so.with_extension("new");
         std::fs::copy(from, &tmp)?;
         std::fs::rename(&tmp, &self.so)?;
+        Ok(())
+    }
+
+    fn signal_restart(&mut self) -> Result<()> {
         let pid = self.pid()?;
         self.restarted = Some(pid);
         signal(pid, "HUP")
@@ -292,7 +309,11 @@ impl Peer for Hyper {
         self.addr
     }
 
-    fn restart_to(&mut self, _body: &str) -> Result<()> {
+    fn stage(&mut self, _body: &str) -> Result<()> {
+        bail!("the hyper ceiling has no restart")
+    }
+
+    fn signal_restart(&mut self) -> Result<()> {
         bail!("the hyper ceiling has no restart")
     }
 
@@ -386,8 +407,11 @@ impl Peer for Nginx {
         self.addr
     }
 
-    fn restart_to(&mut self, body: &str) -> Result<()> {
-        self.write_conf(body)?;
+    fn stage(&mut self, body: &str) -> Result<()> {
+        self.write_conf(body)
+    }
+
+    fn signal_restart(&mut self) -> Result<()> {
         // What `nginx -s reload` does, without the extra process start.
         signal(self.master_pid(), "HUP")
     }
