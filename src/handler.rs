@@ -31,10 +31,10 @@ pub struct HandlerInfo {
     pub path: Option<std::path::PathBuf>,
 }
 
-/// Serves requests, many at once. A call may block; it runs on a tokio runtime worker
-/// thread (a bodiless request while another worker is free) or on a thread handed off
-/// from one, so it must not itself block on the runtime (`Handle::block_on` panics
-/// there, and the panic is answered with a 500).
+/// Serves requests, many at once. A call may block. It runs on a tokio runtime worker
+/// thread (a bodiless request, while another worker is free) or on the blocking pool, so
+/// it must not itself block on the runtime: `Handle::block_on` panics on a worker, and
+/// the panic is answered with a 500.
 pub trait Handler: Send + Sync + 'static {
     /// Answers one request. Must not unwind.
     fn handle(&self, req: &Request<'_>) -> Result<Response, HandlerError>;
