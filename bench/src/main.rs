@@ -19,26 +19,36 @@ use peers::{Build, Gem, HELLO, Hyper, Nginx, Peer, UPGRADED};
 use tools::{Wrk, h2load, wrk};
 
 /// What the figures above do not say by themselves; from experiments on this machine
-/// (2026-11-25), kept with every run because the reasons do not change run to run.
+/// (2026-11-25 and 2026-11-27), kept with every run because the reasons do not change
+/// run to run.
 const NOTES: &str = "## Reading the misses
 
-- **Throughput.** The handler is synchronous, so gem runs it on tokio's blocking pool:
-  two cross-thread wake-ups per request. Measured with wrk as above: the same gem with
-  the handler called on the I/O thread served 92k req/s (0.78 of hyper), and without
-  hyper's per-request header-read timer (the slowloris guard, `header_read_timeout`)
-  100k (0.85); `block_in_place` costs the same as `spawn_blocking` (47k). Calling the
-  handler on the I/O thread was rejected: while one `/sleep` request blocked a worker,
-  tokio's I/O driver went unpolled and `gem status` waited 4.7 s for it, which is the
-  stall the design forbids (the test suite caught it). The remaining 15 % is the plugin
-  call path (request and response copied across the C ABI, header validation). A
-  handler pool whose idle threads spin 50 µs before sleeping, to skip the wake-up
-  system call, served 50k: on 2 cores shared with wrk, the spinning took the CPU the
-  hand-off saved, so it was not kept.
+- **Throughput.** The handler is synchronous and may block. Sending every call to
+  tokio's blocking pool cost two cross-thread wake-ups a request and gave 0.39 of hyper.
+  gem now runs a bodiless request's handler on the worker thread that read it, at most
+  `workers - 1` at once, with a watchdog thread that wakes a sleeping worker when such a
+  call passes 1 ms, so the I/O driver is never left unpolled (`src/inline.rs`; the test
+  suite catches the stall if the watchdog is removed). Fewer than 0.4 % of calls under
+  this load find the slot taken and go to the blocking pool. `block_in_place` for those
+  was tried and dropped: it hands the worker to a new thread each time, and under wrk
+  the process grew to 50-90 threads and 14 MiB. What is left, from `perf` on gem and
+  hyper under the same wrk load (one sample each; this machine is noisy, so read these
+  as shares): gem spends about 1.4 times hyper's CPU per request, and the difference is
+  roughly a third kernel time (the loopback wake-ups of wrk's threads, which follow the
+  different write timing), a fifth malloc/free (the request and response are copied
+  across the C ABI: about a dozen allocations a request against hyper's two or three),
+  a sixth the per-request header-read timer that guards against slowloris (hyper's
+  ceiling arms none), and the rest header conversion and validation and the plugin
+  call itself.
 - **Restart latency.** nginx reloads by forking its master (no exec, no config parse,
-  no dlopen); gem starts a fresh process: exec, config, a private copy of the plugin,
-  dlopen, init. About 1 ms of gem's time is the spawn, 2 ms the new process. A plugin
-  with debug info (4.4 MB) took 15 ms until its SHA-256 moved to a side thread and the
-  demo plugins lost their debug info.
+  no dlopen); gem starts a fresh process, as the Go original did. From gem's own log
+  timestamps over 15 restarts: 1.0-1.5 ms from the signal until the new process has
+  exec'd (fork and exec of a 35 MB binary), then 3-3.5 ms until it is ready (dynamic
+  linking, runtime start, config, the plugin copied by the kernel into a sealed memfd,
+  dlopen, init, sockets adopted). Reading the .so through a heap buffer cost another
+  1 ms of CPU; a plugin with debug info (4.4 MB) took 15 ms until its SHA-256 moved to
+  a side thread. The clock starts at the signal: the files are staged first and the
+  signal is sent in-process.
 - **HTTP/2.** h2load (nghttp2 1.52) does not reconnect after a GOAWAY: a client stops
   at its first one, and the requests it had queued but not sent are counted as failed.
   gem sends GOAWAY at every restart (so the old process can drain and exit), hence few
