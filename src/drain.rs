@@ -2,15 +2,11 @@
 //! accepting, close idle connections after a grace, wait for in-flight requests, cut the
 //! rest at `wait_timeout`.
 
-use std::collections::HashMap;
-use std::net::Shutdown;
-use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use socket2::{SockRef, Socket};
-use tracing::debug;
+use crate::fds::{OpenSockets, TrackedStream};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -34,10 +30,8 @@ struct Inner {
     in_flight: AtomicUsize,
     /// Open client connections.
     connections: AtomicUsize,
-    /// A duplicate of each open connection's socket, by connection number, so the cut
-    /// can close a connection whose task is stuck in a handler running inline.
-    sockets: Mutex<HashMap<u64, Socket>>,
-    next_connection: AtomicU64,
+    /// The connections' sockets, for the cut.
+    sockets: OpenSockets,
     /// How long an idle keep-alive connection may linger once draining.
     idle_grace: Duration,
 }
@@ -62,27 +56,16 @@ const CUT_GRACE: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 pub struct Counted {
     inner: Arc<Inner>,
-    /// The connection's number; `None` for a request.
-    connection: Option<u64>,
+    connection: bool,
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        match self.connection {
-            Some(id) => {
-                self.inner.connections.fetch_sub(1, Ordering::Relaxed);
-                self.inner.sockets().remove(&id);
-            }
-            None => {
-                self.inner.in_flight.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
-    }
-}
-
-impl Inner {
-    fn sockets(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Socket>> {
-        self.sockets.lock().unwrap_or_else(PoisonError::into_inner)
+        let counter = match self.connection {
+            true => &self.inner.connections,
+            false => &self.inner.in_flight,
+        };
+        counter.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -96,8 +79,7 @@ impl DrainSignal {
                 cut: CancellationToken::new(),
                 in_flight: AtomicUsize::new(0),
                 connections: AtomicUsize::new(0),
-                sockets: Mutex::default(),
-                next_connection: AtomicU64::new(0),
+                sockets: OpenSockets::default(),
                 idle_grace,
             }),
         }
@@ -141,25 +123,22 @@ impl DrainSignal {
         self.inner.in_flight.fetch_add(1, Ordering::Relaxed);
         Counted {
             inner: self.inner.clone(),
-            connection: None,
+            connection: false,
         }
     }
 
-    /// Counts one open connection on `socket` until the guard drops.
-    pub fn connection(&self, socket: &impl AsFd) -> Counted {
+    /// Counts one open connection until the guard drops.
+    pub fn connection(&self) -> Counted {
         self.inner.connections.fetch_add(1, Ordering::Relaxed);
-        let id = self.inner.next_connection.fetch_add(1, Ordering::Relaxed);
-        match SockRef::from(socket).try_clone() {
-            Ok(dup) => {
-                self.inner.sockets().insert(id, dup);
-            }
-            // Out of fds: this connection can still be cut, unless a handler holds it.
-            Err(err) => debug!(cause = %err, "could not keep a handle to cut the connection"),
-        }
         Counted {
             inner: self.inner.clone(),
-            connection: Some(id),
+            connection: true,
         }
+    }
+
+    /// Wraps a connection's socket so the cut can shut it down from outside.
+    pub fn track(&self, stream: tokio::net::TcpStream) -> TrackedStream {
+        self.inner.sockets.track(stream)
     }
 
     /// Requests in flight right now.
@@ -198,9 +177,7 @@ impl DrainSignal {
         // running on its worker thread: shut its socket down under it, and go on.
         let all = futures_util::future::join_all(trackers.iter().map(TaskTracker::wait));
         if tokio::time::timeout(CUT_GRACE, all).await.is_err() {
-            for socket in self.inner.sockets().values() {
-                let _ = socket.shutdown(Shutdown::Both);
-            }
+            self.inner.sockets.shutdown_all();
         }
         outcomes
     }
@@ -261,14 +238,11 @@ mod tests {
         let drain = DrainSignal::new(Duration::ZERO);
         let a = drain.request();
         let b = drain.request();
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let c = drain.connection(&socket);
+        let c = drain.connection();
         assert_eq!(drain.in_flight(), 2);
         assert_eq!(drain.connections(), 1);
-        assert_eq!(drain.inner.sockets().len(), 1);
         drop(c);
         assert_eq!(drain.connections(), 0);
-        assert!(drain.inner.sockets().is_empty());
         drop(a);
         assert_eq!(drain.in_flight(), 1);
         drop(b);
