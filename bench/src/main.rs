@@ -122,39 +122,31 @@ fn main() -> Result<()> {
     let mut md = String::new();
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
 
-    if wants(1) {
-        section(
-            &mut md,
+    type Scenario<'a> = (&'a str, Box<dyn Fn() -> Result<String> + 'a>);
+    let scenarios: [Scenario; 6] = [
+        (
             "1. Restarts under load",
-            &restarts_under_load(&build, &plan, workers)?,
-        );
-    }
-    if wants(2) {
-        section(
-            &mut md,
+            Box::new(|| restarts_under_load(&build, &plan, workers)),
+        ),
+        (
             "2. Restart latency",
-            &restart_latency(&build, &plan, workers)?,
-        );
-    }
-    if wants(3) {
-        section(
-            &mut md,
+            Box::new(|| restart_latency(&build, &plan, workers)),
+        ),
+        (
             "3. Throughput (keep-alive)",
-            &throughput(&build, &plan, workers)?,
-        );
-    }
-    if wants(4) {
-        section(&mut md, "4. Memory and leaks", &memory(&build, &plan)?);
-    }
-    if wants(5) {
-        section(&mut md, "5. Drain time", &drain_time(&build, &plan)?);
-    }
-    if wants(6) {
-        section(
-            &mut md,
+            Box::new(|| throughput(&build, &plan, workers)),
+        ),
+        ("4. Memory and leaks", Box::new(|| memory(&build, &plan))),
+        ("5. Drain time", Box::new(|| drain_time(&build, &plan))),
+        (
             "6. HTTP/2 through restarts",
-            &http2(&build, &plan, workers)?,
-        );
+            Box::new(|| http2(&build, &plan, workers)),
+        ),
+    ];
+    for (n, (title, run)) in (1..).zip(&scenarios) {
+        if wants(n) {
+            section(&mut md, title, &run()?);
+        }
     }
 
     let doc = format!(
