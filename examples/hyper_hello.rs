@@ -1,6 +1,7 @@
 //! The benchmark ceiling: a plain hyper server with gem's runtime settings (tokio
-//! multi-thread with the default worker count, hyper-util's auto HTTP/1 + HTTP/2
-//! builder), answering `Hello world.` in-process with no plugin, no drain bookkeeping.
+//! multi-thread with the default worker count and a shared-queue check every 61 tasks,
+//! hyper-util's auto HTTP/1 + HTTP/2 builder), answering `Hello world.` in-process with
+//! no plugin, no drain bookkeeping.
 //!
 //! `cargo run --release --example hyper_hello -- 127.0.0.1:8081`
 
@@ -12,8 +13,16 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // gem's runtime settings (src/main.rs).
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .global_queue_interval(61)
+        .build()?
+        .block_on(serve())
+}
+
+async fn serve() -> anyhow::Result<()> {
     let addr = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:8081".into());

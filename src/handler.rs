@@ -31,13 +31,21 @@ pub struct HandlerInfo {
     pub path: Option<std::path::PathBuf>,
 }
 
-/// Serves requests, many at once. A call may block. It runs on a tokio runtime worker
-/// thread (a bodiless request, while another worker is free) or on the blocking pool, so
-/// it must not itself block on the runtime: `Handle::block_on` panics on a worker, and
-/// the panic is answered with a 500.
+/// Serves requests, many at once. A call may block: it runs on tokio's blocking pool,
+/// or, for a handler that [`runs_inline`](Handler::runs_inline), possibly right on the
+/// runtime worker thread that read the request.
 pub trait Handler: Send + Sync + 'static {
     /// Answers one request. Must not unwind.
     fn handle(&self, req: &Request<'_>) -> Result<Response, HandlerError>;
+
+    /// Whether a call may run right on a runtime worker thread (one free worker is
+    /// always kept, and a watchdog keeps I/O going behind a slow call). That saves two
+    /// thread hops a request, but only suits a handler that never uses tokio itself:
+    /// a task it spawned or woke would wait behind it on the same worker, and
+    /// `Handle::block_on` panics there. Plugins qualify; the default is `false`.
+    fn runs_inline(&self) -> bool {
+        false
+    }
 
     /// Whether [`Handler::on_signal`] does something (the `plugin` signal action needs it).
     fn has_signal_hook(&self) -> bool {

@@ -1,23 +1,33 @@
 //! Where a synchronous handler call runs: on the runtime worker that received the
-//! request when that is safe, so a fast handler costs no thread hop, and off it
-//! otherwise, so a slow one never stalls accepting or the other connections.
+//! request when that is safe, so a fast handler costs no thread hop, and on tokio's
+//! blocking pool otherwise, so a slow one never stalls accepting or the other
+//! connections.
+//!
+//! Only handlers that never touch tokio may run inline ([`Handler::runs_inline`]: plugin
+//! handlers do; in-process ones do not by default, because a task they spawned or woke
+//! would wait, unstealable, behind them on the same worker). Only bodiless requests run
+//! inline: reading a body can wake the HTTP/2 connection task onto this worker's
+//! next-task slot, where no other worker can take it.
 //!
 //! A handler blocking a worker thread holds up two things. The tasks queued on that
 //! worker: at most `workers - 1` calls run inline at once, so another worker is always
-//! left to steal them; a call that finds no free slot lets its worker run other tasks
-//! once, tries again, and then goes to tokio's blocking pool (two thread hops). And
+//! left to steal them; a call that finds no free slot goes to the blocking pool. And
 //! tokio's I/O driver: the other workers may all be asleep, and tokio wakes one only
 //! when a queue holds more than one task. A watchdog thread covers that: when an inline
-//! call has run for a tick with no other starting, it spawns an empty task from outside
-//! the runtime, which wakes a sleeping worker; that worker steals what was queued behind
-//! the call and then polls the driver while the call goes on. The watchdog sleeps with
-//! no deadline until the first inline call and again whenever they stop for a while.
+//! call is still running a tick after it was first seen, it spawns an empty task from
+//! outside the runtime, which wakes a sleeping worker; that worker steals what was
+//! queued behind the call and then polls the driver while the call goes on. The
+//! watchdog sleeps with no deadline until the first inline call and again whenever
+//! they stop for a while.
 //!
-//! `block_in_place` would also keep a blocked worker's queue moving, but it hands the
-//! worker to a new thread on every call: under load the process grew to 50-90 threads
-//! and 14 MiB, against about 20 threads and 9 MiB this way.
+//! Tried and dropped: `block_in_place` for calls that find no free slot (it hands the
+//! worker to a new thread every time; under load the process grew to 50-90 threads and
+//! 14 MiB), and yielding once before giving up on a slot (a yielded task can only come
+//! back on the same worker, possibly behind the next inline call).
+//!
+//! [`Handler::runs_inline`]: crate::handler::Handler::runs_inline
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::Thread;
 use std::time::Duration;
@@ -42,14 +52,22 @@ pub(crate) struct Runner {
 
 #[derive(Debug)]
 struct State {
-    /// Inline slots left.
-    free: AtomicUsize,
-    /// Inline slots in all.
-    slots: usize,
-    /// Inline calls started so far: the watchdog's sign of progress.
+    /// One per inline slot: 0 while free, else the number of the call in it.
+    slots: Box<[AtomicU64]>,
+    /// Inline calls started so far; numbers calls from 1.
     started: AtomicU64,
     /// Set while the watchdog is parked with no deadline (so at first).
     asleep: AtomicBool,
+}
+
+impl State {
+    fn with_slots(n: usize) -> Self {
+        State {
+            slots: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            started: AtomicU64::new(0),
+            asleep: AtomicBool::new(true),
+        }
+    }
 }
 
 impl Runner {
@@ -59,70 +77,70 @@ impl Runner {
         let handle = Handle::try_current()
             .ok()
             .filter(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread);
-        let workers = handle.as_ref().map_or(0, |h| h.metrics().num_workers());
-        let slots = workers.saturating_sub(1);
-        let state = Arc::new(State {
-            free: AtomicUsize::new(slots),
-            slots,
-            started: AtomicU64::new(0),
-            asleep: AtomicBool::new(true),
-        });
-        let watchdog = match (handle, slots) {
-            (Some(handle), 1..) => {
-                let weak = Arc::downgrade(&state);
-                match std::thread::Builder::new()
-                    .name("gem-inline-watchdog".into())
-                    .spawn(move || watch(&weak, &handle))
-                {
-                    Ok(thread) => Some(thread.thread().clone()),
-                    Err(err) => {
-                        warn!(cause = %err, "no watchdog thread; handlers run off the workers");
-                        state.free.store(0, Ordering::Relaxed);
-                        None
-                    }
-                }
-            }
-            _ => None,
+        let slots = handle
+            .as_ref()
+            .map_or(0, |h| h.metrics().num_workers().saturating_sub(1));
+        let Some(handle) = handle.filter(|_| slots > 0) else {
+            return Runner::blocking_only();
         };
-        Runner { state, watchdog }
+        let state = Arc::new(State::with_slots(slots));
+        let weak = Arc::downgrade(&state);
+        match std::thread::Builder::new()
+            .name("gem-inline-watchdog".into())
+            .spawn(move || watch(&weak, &handle))
+        {
+            Ok(thread) => Runner {
+                state,
+                watchdog: Some(thread.thread().clone()),
+            },
+            Err(err) => {
+                warn!(cause = %err, "no watchdog thread; every handler call goes to the blocking pool");
+                Runner::blocking_only()
+            }
+        }
+    }
+
+    fn blocking_only() -> Self {
+        Runner {
+            state: Arc::new(State::with_slots(0)),
+            watchdog: None,
+        }
     }
 
     /// Runs `call`: inline if `may_inline` and a slot is free, otherwise on the blocking
-    /// pool. A panic becomes `Err` with a description.
+    /// pool. A panic becomes `Err` with its message.
     pub(crate) async fn run<T, F>(&self, may_inline: bool, call: F) -> Result<T, String>
     where
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
-        if may_inline && self.state.slots > 0 {
-            if let Some(_slot) = self.try_take() {
-                return catch_panic(call);
-            }
-            // Another call holds the slot, most likely for a microsecond or two: let
-            // this worker run its other tasks first, then try once more.
-            tokio::task::yield_now().await;
-            if let Some(_slot) = self.try_take() {
-                return catch_panic(call);
-            }
+        if let Some(_slot) = may_inline.then(|| self.try_take()).flatten() {
+            return std::panic::catch_unwind(std::panic::AssertUnwindSafe(call))
+                .map_err(|payload| panic_message(payload.as_ref()));
         }
         tokio::task::spawn_blocking(call)
             .await
-            .map_err(|join| join.to_string())
+            .map_err(|join| match join.try_into_panic() {
+                Ok(payload) => panic_message(payload.as_ref()),
+                Err(join) => join.to_string(),
+            })
     }
 
     fn try_take(&self) -> Option<Slot<'_>> {
         let state = &*self.state;
-        state
-            .free
-            .fetch_update(Ordering::Acquire, Ordering::Relaxed, |n| n.checked_sub(1))
+        let free = state
+            .slots
+            .iter()
+            .find(|s| s.load(Ordering::Relaxed) == 0)?;
+        let number = state.started.fetch_add(1, Ordering::SeqCst) + 1;
+        free.compare_exchange(0, number, Ordering::Acquire, Ordering::Relaxed)
             .ok()?;
-        state.started.fetch_add(1, Ordering::SeqCst);
         if state.asleep.load(Ordering::SeqCst) && state.asleep.swap(false, Ordering::SeqCst) {
             if let Some(watchdog) = &self.watchdog {
                 watchdog.unpark();
             }
         }
-        Some(Slot(&state.free))
+        Some(Slot(free))
     }
 }
 
@@ -136,46 +154,62 @@ impl Drop for Runner {
 }
 
 /// A taken inline slot, given back on drop (panics included).
-struct Slot<'a>(&'a AtomicUsize);
+struct Slot<'a>(&'a AtomicU64);
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        self.0.fetch_add(1, Ordering::Release);
+        self.0.store(0, Ordering::Release);
     }
 }
 
-fn catch_panic<T>(call: impl FnOnce() -> T) -> Result<T, String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call))
-        .map_err(|_| "the handler panicked".to_string())
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    let message = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str));
+    match message {
+        Some(message) => format!("the handler panicked: {message}"),
+        None => "the handler panicked".to_owned(),
+    }
 }
 
 fn watch(state: &Weak<State>, runtime: &Handle) {
     // It starts asleep: the first inline call wakes it.
     std::thread::park();
-    let mut seen = u64::MAX;
+    // Per slot: the call seen there at the last tick, and the last call poked for.
+    let mut seen: Vec<u64> = Vec::new();
+    let mut poked: Vec<u64> = Vec::new();
+    let mut started_seen = 0;
     let mut quiet = 0;
-    let mut poked = false;
     loop {
         let Some(s) = state.upgrade() else { return };
-        let started = s.started.load(Ordering::SeqCst);
-        let running = s.slots - s.free.load(Ordering::Acquire).min(s.slots);
-        if started != seen {
-            (seen, quiet, poked) = (started, 0, false);
-        } else if running > 0 {
-            quiet = 0;
-            if !poked {
-                // An inline call has run a whole tick: make sure a worker is awake to
-                // poll the I/O driver. One poke per stall is enough: that worker goes
-                // back to sleep on the driver, not beside it.
-                drop(runtime.spawn(async {}));
-                poked = true;
+        seen.resize(s.slots.len(), 0);
+        poked.resize(s.slots.len(), 0);
+        let mut running = false;
+        for (i, slot) in s.slots.iter().enumerate() {
+            let call = slot.load(Ordering::Acquire);
+            if call != 0 {
+                running = true;
+                if call == seen[i] && poked[i] != call {
+                    // This call has run a whole tick: make sure a worker is awake to
+                    // poll the I/O driver. One poke per call is enough: that worker
+                    // goes back to sleep on the driver, not beside it.
+                    drop(runtime.spawn(async {}));
+                    poked[i] = call;
+                }
             }
+            seen[i] = call;
+        }
+        let started = s.started.load(Ordering::SeqCst);
+        if running || started != started_seen {
+            started_seen = started;
+            quiet = 0;
         } else {
             quiet += 1;
             if quiet >= QUIET_TICKS {
                 s.asleep.store(true, Ordering::SeqCst);
                 // A call that started before `asleep` was visible did not wake us.
-                if s.started.load(Ordering::SeqCst) != seen {
+                if s.started.load(Ordering::SeqCst) != started_seen {
                     s.asleep.store(false, Ordering::SeqCst);
                     continue;
                 }

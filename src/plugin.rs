@@ -289,6 +289,12 @@ impl Handler for LoadedPlugin {
         result
     }
 
+    /// A plugin cannot reach gem's runtime (its own copy of any crate has its own
+    /// thread-locals), so nothing of gem's waits behind it.
+    fn runs_inline(&self) -> bool {
+        true
+    }
+
     fn has_signal_hook(&self) -> bool {
         self.descriptor.on_signal.is_some()
     }

@@ -235,8 +235,10 @@ async fn call_handler(
         (result, parts)
     };
     // Reading a body may have woken the connection task onto this worker (HTTP/2 flow
-    // control); a handler run inline would hold it up, so only bodiless calls may.
-    let outcome = ctx.runner.run(bodiless, call).await;
+    // control); a handler run inline would hold it up, so only bodiless calls may. (The
+    // shadowed `Incoming` body lives until the call is over, for the same reason.)
+    let may_inline = bodiless && ctx.handler.runs_inline();
+    let outcome = ctx.runner.run(may_inline, call).await;
     let (result, parts) = match outcome {
         Ok(done) => done,
         Err(why) => {

@@ -89,6 +89,40 @@ async fn injected_signals_drive_the_lifecycle() {
     assert!(!socket.exists(), "a final stop removes the control socket");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_handlers_may_use_the_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("gem.sock");
+    // Run on a worker thread, this would panic (and answer 500): in-process handlers
+    // are not run inline unless they say so.
+    let server = Server::builder()
+        .listen("127.0.0.1:0")
+        .handler(|_| {
+            let n = tokio::runtime::Handle::current()
+                .block_on(async { tokio::spawn(async { 21 * 2 }).await.unwrap() });
+            Response::text(200, format!("{n}"))
+        })
+        .control_socket(&socket)
+        .build()
+        .unwrap();
+    let (tx, mut rx) = mpsc::channel(1);
+    let signals = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let run = tokio::spawn(server.run_with_signals(signals));
+    let addr = serving_address(&socket).await;
+    let answer = tokio::task::spawn_blocking(move || hello(&addr))
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("42"), "{answer}");
+    tx.send(Signal::TERM).await.unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("shutdown in time")
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit, Exit::Shutdown { cut: 0 });
+}
+
 /// Waits (10 s at most) for the control socket to answer `status`; returns the first
 /// listening address.
 async fn serving_address(socket: &std::path::Path) -> String {

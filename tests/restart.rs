@@ -228,6 +228,13 @@ fn a_restart_storm_leaves_one_generation_and_leaks_nothing() {
 fn ten_restarts_leak_no_fds() {
     let mut gem = Gem::start(Spec::new("hello", ""));
     let first = gem.pid();
+    // The plugin is hashed on a side thread from its own fd; count once that is done.
+    let hashed = |gem: &Gem| {
+        wait_for("the plugin to be hashed", || {
+            gem.status()["plugin"]["sha256"].is_string().then_some(())
+        })
+    };
+    hashed(&gem);
     let before = fd_count(first);
     let mut last = first;
     for _ in 0..10 {
@@ -240,6 +247,7 @@ fn ten_restarts_leak_no_fds() {
     wait_for("no older generation left", || {
         (gem.status()["draining"].as_array()?.is_empty()).then_some(())
     });
+    hashed(&gem);
     assert_eq!(fd_count(last), before, "fds of gen 1 vs gen 11");
     assert!(zombie_children(last).is_empty());
 }
