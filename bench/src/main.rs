@@ -23,23 +23,27 @@ use tools::{Wrk, h2load, wrk};
 /// run to run.
 const NOTES: &str = "## Reading the misses
 
-- **Throughput.** The handler is synchronous and may block. Sending every call to
-  tokio's blocking pool cost two cross-thread wake-ups a request and gave 0.39 of hyper.
-  gem now runs a bodiless request's handler on the worker thread that read it, at most
-  `workers - 1` at once, with a watchdog thread that wakes a sleeping worker when such a
-  call passes 1 ms, so the I/O driver is never left unpolled (`src/inline.rs`; the test
-  suite catches the stall if the watchdog is removed). Fewer than 0.4 % of calls under
-  this load find the slot taken and go to the blocking pool. `block_in_place` for those
-  was tried and dropped: it hands the worker to a new thread each time, and under wrk
-  the process grew to 50-90 threads and 14 MiB. What is left, from `perf` on gem and
-  hyper under the same wrk load (one sample each; this machine is noisy, so read these
-  as shares): gem spends about 1.4 times hyper's CPU per request, and the difference is
-  roughly a third kernel time (the loopback wake-ups of wrk's threads, which follow the
-  different write timing), a fifth malloc/free (the request and response are copied
-  across the C ABI: about a dozen allocations a request against hyper's two or three),
-  a sixth the per-request header-read timer that guards against slowloris (hyper's
-  ceiling arms none), and the rest header conversion and validation and the plugin
-  call itself.
+- **Throughput.** On this machine the ratio moves from run to run: four runs of this
+  scenario in a row (5 rounds each) gave gem/hyper 0.71 to 0.79, and one full run the
+  same day read 0.90 and did not repeat. The handler is synchronous and may block.
+  Sending every call to tokio's blocking pool cost two cross-thread wake-ups a request
+  and gave 0.39 of hyper. gem now runs a bodiless request's handler on the worker
+  thread that read it, at most `workers - 1` at once, with a watchdog thread that wakes
+  a sleeping worker when such a call passes 1 ms, so the I/O driver is never left
+  unpolled (`src/inline.rs`; the test suite catches the stall if the watchdog is
+  removed). About 3 % of calls under this load find the slot taken (the other worker
+  is in a handler) and go to the blocking pool. `block_in_place` for those was tried
+  and dropped: it hands the worker to a new thread each time, and under wrk the
+  process grew to 50-90 threads and 14 MiB. Yielding once and retrying cut the
+  fallbacks to 0.4 % but was dropped too: a yielded task can only come back on its own
+  worker, possibly behind the next inline call. What is left, from `perf` on gem and
+  hyper under the same wrk load (one sample each; read these as shares): gem spends
+  about 1.4 times hyper's CPU per request, and the difference is roughly a third kernel
+  time (the loopback wake-ups of wrk's threads, which follow the different write
+  timing), a fifth malloc/free (the request and response are copied across the C ABI:
+  about a dozen allocations a request against hyper's two or three), a sixth the
+  per-request header-read timer that guards against slowloris (hyper's ceiling arms
+  none), and the rest header conversion and validation and the plugin call itself.
 - **Restart latency.** nginx reloads by forking its master (no exec, no config parse,
   no dlopen); gem starts a fresh process, as the Go original did. From gem's own log
   timestamps over 15 restarts: 1.0-1.5 ms from the signal until the new process has
@@ -52,7 +56,9 @@ const NOTES: &str = "## Reading the misses
 - **HTTP/2.** h2load (nghttp2 1.52) does not reconnect after a GOAWAY: a client stops
   at its first one, and the requests it had queued but not sent are counted as failed.
   gem sends GOAWAY at every restart (so the old process can drain and exit), hence few
-  requests and a few failures per run; the same h2load against gem without restarts
+  requests and, in most runs, a few failures (0 to 57 in the runs of 2026-11-27, as
+  it depends on what each client had queued when its GOAWAY came); the same h2load
+  against gem without restarts
   has 0 errors, and against nginx with its default `keepalive_requests` (1000 per
   connection, then GOAWAY) the same loss appears without any reload. nginx's own
   reload may leave HTTP/2 connections on its old workers, which then keep serving
@@ -79,8 +85,8 @@ impl Plan {
             false => Plan {
                 quick,
                 load: Duration::from_secs(30),
-                rounds: 3,
-                throughput: Duration::from_secs(8),
+                rounds: 5,
+                throughput: Duration::from_secs(6),
                 latency_restarts: 50,
                 leak_restarts: 100,
                 drain_rounds: 5,
