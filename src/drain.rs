@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::fds::{OpenSockets, TrackedStream};
-
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::fds::{OpenSockets, TrackedStream};
 
 /// Shared between the accept loops and the connection tasks of one server generation.
 #[derive(Debug, Clone)]
