@@ -2,10 +2,11 @@
 //! real signal.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use gem::control::{self, Command, ReplyBody};
-use gem::{Action, Exit, Response, Server, ServerConfig, Signal};
+use gem::{Action, Builder, Exit, Response, Server, ServerConfig, Signal};
 use tokio::sync::mpsc;
 
 #[test]
@@ -52,75 +53,93 @@ fn load_config_keeps_current_values_for_zero_fields() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_signals_drive_the_lifecycle() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("gem.sock");
     let server = Server::builder()
-        .listen("127.0.0.1:0")
         .handler(|_| Response::text(200, "Hello world."))
-        .control_socket(&socket)
         .signal(Signal::USR2, Action::Shutdown)
-        .unwrap()
-        .build()
         .unwrap();
-    // Room for one signal: a send returns once the lifecycle has taken the one before.
-    let (tx, mut rx) = mpsc::channel(1);
-    let signals = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
-    let run = tokio::spawn(server.run_with_signals(signals));
-    let addr = serving_address(&socket).await;
+    let running = Running::start(server).await;
 
-    // Ignored signals leave it running and serving.
+    // Ignored signals leave it running and serving. The channel holds one signal, so
+    // the third send returns only once the lifecycle has taken the second.
     for _ in 0..3 {
-        tx.send(Signal::USR1).await.unwrap();
+        running.tx.send(Signal::USR1).await.unwrap();
     }
-    let answer = tokio::task::spawn_blocking(move || hello(&addr))
-        .await
-        .unwrap();
+    let answer = running.get().await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.ends_with("Hello world."), "{answer}");
-    assert!(!run.is_finished());
+    assert!(!running.run.is_finished());
 
-    tx.send(Signal::USR2).await.unwrap();
-    let exit = tokio::time::timeout(Duration::from_secs(10), run)
-        .await
-        .expect("shutdown in time")
-        .unwrap()
-        .unwrap();
-    assert_eq!(exit, Exit::Shutdown { cut: 0 });
+    let socket = running.socket.clone();
+    assert_eq!(running.exit(Signal::USR2).await, Exit::Shutdown { cut: 0 });
     assert!(!socket.exists(), "a final stop removes the control socket");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_process_handlers_may_use_the_runtime() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("gem.sock");
     // Run on a worker thread, this would panic (and answer 500): in-process handlers
     // are not run inline unless they say so.
-    let server = Server::builder()
-        .listen("127.0.0.1:0")
-        .handler(|_| {
-            let n = tokio::runtime::Handle::current()
-                .block_on(async { tokio::spawn(async { 21 * 2 }).await.unwrap() });
-            Response::text(200, format!("{n}"))
-        })
-        .control_socket(&socket)
-        .build()
-        .unwrap();
-    let (tx, mut rx) = mpsc::channel(1);
-    let signals = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
-    let run = tokio::spawn(server.run_with_signals(signals));
-    let addr = serving_address(&socket).await;
-    let answer = tokio::task::spawn_blocking(move || hello(&addr))
-        .await
-        .unwrap();
+    let server = Server::builder().handler(|_| {
+        let n = tokio::runtime::Handle::current()
+            .block_on(async { tokio::spawn(async { 21 * 2 }).await.unwrap() });
+        Response::text(200, format!("{n}"))
+    });
+    let running = Running::start(server).await;
+    let answer = running.get().await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.ends_with("42"), "{answer}");
-    tx.send(Signal::TERM).await.unwrap();
-    let exit = tokio::time::timeout(Duration::from_secs(10), run)
-        .await
-        .expect("shutdown in time")
-        .unwrap()
-        .unwrap();
-    assert_eq!(exit, Exit::Shutdown { cut: 0 });
+    assert_eq!(running.exit(Signal::TERM).await, Exit::Shutdown { cut: 0 });
+}
+
+/// A library server on 127.0.0.1, driven by signals the test sends, with a control
+/// socket to find its address.
+struct Running {
+    tx: mpsc::Sender<Signal>,
+    run: tokio::task::JoinHandle<Result<Exit, gem::Error>>,
+    addr: String,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Running {
+    async fn start(builder: Builder) -> Running {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("gem.sock");
+        let server = builder
+            .listen("127.0.0.1:0")
+            .control_socket(&socket)
+            .build()
+            .unwrap();
+        // Room for one signal: a send returns once the lifecycle took the one before.
+        let (tx, mut rx) = mpsc::channel(1);
+        let signals = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        let run = tokio::spawn(server.run_with_signals(signals));
+        let addr = serving_address(&socket).await;
+        Running {
+            tx,
+            run,
+            addr,
+            socket,
+            _dir: dir,
+        }
+    }
+
+    /// `GET /` on a fresh connection; the whole answer.
+    async fn get(&self) -> String {
+        let addr = self.addr.clone();
+        tokio::task::spawn_blocking(move || hello(&addr))
+            .await
+            .unwrap()
+    }
+
+    /// Sends `signal` and waits (10 s at most) for the server to return.
+    async fn exit(self, signal: Signal) -> Exit {
+        self.tx.send(signal).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), self.run)
+            .await
+            .expect("shutdown in time")
+            .unwrap()
+            .unwrap()
+    }
 }
 
 /// Waits (10 s at most) for the control socket to answer `status`; returns the first
