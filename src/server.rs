@@ -154,6 +154,10 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: ServeContext
                 tokio::select! {
                     res = conn.as_mut() => return log_conn_end(peer, res),
                     () = tokio::time::sleep(drain.idle_grace()) => {}
+                    () = drain.cut().cancelled() => {
+                        debug!(%peer, "connection cut at wait_timeout");
+                        return;
+                    }
                 }
             }
             conn.as_mut().graceful_shutdown();
