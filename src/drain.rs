@@ -28,9 +28,7 @@ struct Inner {
     cut: CancellationToken,
     /// Requests currently inside the handler or having their body read.
     in_flight: AtomicUsize,
-    /// Open client connections.
-    connections: AtomicUsize,
-    /// The connections' sockets, for the cut.
+    /// The open client connections' sockets: their count, and for the cut.
     sockets: OpenSockets,
     /// How long an idle keep-alive connection may linger once draining.
     idle_grace: Duration,
@@ -52,20 +50,15 @@ pub enum DrainOutcome {
 /// shut down under them.
 const CUT_GRACE: Duration = Duration::from_millis(100);
 
-/// Counts a request (or a connection) for as long as it lives.
+/// Counts a request as in flight for as long as it lives.
 #[derive(Debug)]
 pub struct Counted {
     inner: Arc<Inner>,
-    connection: bool,
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        let counter = match self.connection {
-            true => &self.inner.connections,
-            false => &self.inner.in_flight,
-        };
-        counter.fetch_sub(1, Ordering::Relaxed);
+        self.inner.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -78,7 +71,6 @@ impl DrainSignal {
                 stop_accepting: CancellationToken::new(),
                 cut: CancellationToken::new(),
                 in_flight: AtomicUsize::new(0),
-                connections: AtomicUsize::new(0),
                 sockets: OpenSockets::default(),
                 idle_grace,
             }),
@@ -123,20 +115,11 @@ impl DrainSignal {
         self.inner.in_flight.fetch_add(1, Ordering::Relaxed);
         Counted {
             inner: self.inner.clone(),
-            connection: false,
         }
     }
 
-    /// Counts one open connection until the guard drops.
-    pub fn connection(&self) -> Counted {
-        self.inner.connections.fetch_add(1, Ordering::Relaxed);
-        Counted {
-            inner: self.inner.clone(),
-            connection: true,
-        }
-    }
-
-    /// Wraps a connection's socket so the cut can shut it down from outside.
+    /// Wraps a connection's socket, counting it as open until the wrapper drops, so
+    /// the cut can shut it down from outside.
     pub fn track(&self, stream: tokio::net::TcpStream) -> TrackedStream {
         self.inner.sockets.track(stream)
     }
@@ -148,7 +131,7 @@ impl DrainSignal {
 
     /// Connections open right now.
     pub fn connections(&self) -> usize {
-        self.inner.connections.load(Ordering::Relaxed)
+        self.inner.sockets.len()
     }
 
     /// Waits for every tracked connection to finish, cutting them all at `deadline`.
@@ -233,12 +216,16 @@ mod tests {
         assert!(drain.cut().is_cancelled());
     }
 
-    #[test]
-    fn in_flight_guard_counts() {
+    #[tokio::test]
+    async fn in_flight_guard_counts() {
         let drain = DrainSignal::new(Duration::ZERO);
         let a = drain.request();
         let b = drain.request();
-        let c = drain.connection();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let c = drain.track(listener.accept().await.unwrap().0);
         assert_eq!(drain.in_flight(), 2);
         assert_eq!(drain.connections(), 1);
         drop(c);

@@ -176,15 +176,16 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 fn watch(state: &Weak<State>, runtime: &Handle) {
     // It starts asleep: the first inline call wakes it.
     std::thread::park();
+    let Some(slots) = state.upgrade().map(|s| s.slots.len()) else {
+        return;
+    };
     // Per slot: the call seen there at the last tick, and the last call poked for.
-    let mut seen: Vec<u64> = Vec::new();
-    let mut poked: Vec<u64> = Vec::new();
+    let mut seen = vec![0; slots];
+    let mut poked = vec![0; slots];
     let mut started_seen = 0;
     let mut quiet = 0;
     loop {
         let Some(s) = state.upgrade() else { return };
-        seen.resize(s.slots.len(), 0);
-        poked.resize(s.slots.len(), 0);
         let mut running = false;
         for (i, slot) in s.slots.iter().enumerate() {
             let call = slot.load(Ordering::Acquire);

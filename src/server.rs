@@ -125,7 +125,6 @@ fn is_per_connection_error(err: &std::io::Error) -> bool {
 /// once; HTTP/1 gets `Connection: close` on its next response and, if it stays idle for
 /// the grace, is closed. At the cut the connection is dropped.
 async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: ServeContext) {
-    let _counted = ctx.drain.connection();
     let _ = stream.set_nodelay(true);
     let stream = ctx.drain.track(stream);
     let is_h2 = Arc::new(AtomicBool::new(false));
