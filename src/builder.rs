@@ -9,10 +9,12 @@ use futures_util::Stream;
 
 use crate::config::{Config, ListenAddr};
 use crate::error::Error;
-use crate::fds::Inherited;
-use crate::generation::{Exit, HandlerSource, os_signals, start};
+use crate::generation::{Exit, HandlerSource, start};
 use crate::handler::{FnHandler, Request, Response};
-use crate::signals::{Action, Signal};
+use crate::handover::take_inherited;
+use crate::lifecycle::Phase;
+use crate::runner::ProcessSpawner;
+use crate::signals::{Action, Signal, os_signals};
 use crate::upgrade::Launch;
 
 /// Tunables, as the Go original's `ServerConfig`: a zero field keeps the current value.
@@ -139,10 +141,7 @@ impl Builder {
                     })
                 })?;
         }
-        Ok(Server {
-            config: self.config,
-            handler,
-        })
+        Ok(Server::new(self.config, handler))
     }
 }
 
@@ -173,6 +172,7 @@ impl Builder {
 pub struct Server {
     config: Config,
     handler: HandlerSource,
+    phase: tokio::sync::watch::Sender<Phase>,
 }
 
 impl std::fmt::Debug for Server {
@@ -193,12 +193,23 @@ impl Server {
         }
     }
 
+    fn new(config: Config, handler: HandlerSource) -> Server {
+        Server {
+            config,
+            handler,
+            phase: tokio::sync::watch::Sender::new(Phase::Starting),
+        }
+    }
+
     /// A server exactly as a loaded config file describes it, serving its plugin.
     pub fn from_config(config: Config) -> Server {
-        Server {
-            handler: HandlerSource::Plugin(config.handler.clone()),
-            config,
-        }
+        Server::new(config.clone(), HandlerSource::Plugin(config.handler))
+    }
+
+    /// The server's phase as it runs: starting, serving, upgrading, draining, exited.
+    /// Wait for one with [`tokio::sync::watch::Receiver::wait_for`].
+    pub fn phases(&self) -> tokio::sync::watch::Receiver<Phase> {
+        self.phase.subscribe()
     }
 
     /// The effective configuration.
@@ -208,7 +219,8 @@ impl Server {
 
     /// Serves, reacting to real Unix signals, until shut down or handed over.
     pub async fn run(self) -> Result<Exit, Error> {
-        let signals = os_signals(&self.config.signals)?;
+        let signals =
+            os_signals(&self.config.signals).map_err(Error::io("installing signal handlers"))?;
         self.run_with_signals(signals).await
     }
 
@@ -217,20 +229,34 @@ impl Server {
         self,
         signals: impl Stream<Item = Signal> + Unpin,
     ) -> Result<Exit, Error> {
-        let launch = Launch::current().map_err(Error::io("recording how gem was started"))?;
-        let inherited = Inherited::take()?;
-        let (generation, ready) = match start(self.config, self.handler, inherited).await {
-            Ok(started) => started,
-            Err((err, ready)) => {
-                if let Some(ready) = ready {
-                    ready.fail(&err.to_string());
-                }
-                return Err(err);
-            }
-        };
-        let parent = generation.announce(ready).await;
-        generation.run(launch, signals, parent).await
+        let phase = self.phase;
+        let exit = serve(self.config, self.handler, signals, &phase).await;
+        phase.send_replace(Phase::Exited);
+        exit
     }
+}
+
+async fn serve(
+    config: Config,
+    handler: HandlerSource,
+    signals: impl Stream<Item = Signal> + Unpin,
+    phase: &tokio::sync::watch::Sender<Phase>,
+) -> Result<Exit, Error> {
+    let launch = Launch::current().map_err(Error::io("recording how gem was started"))?;
+    let upgrade_timeout = config.upgrade_timeout;
+    let (mut generation, ready) = match start(config, handler, take_inherited()?).await {
+        Ok(started) => started,
+        Err((err, ready)) => {
+            if let Some(ready) = ready {
+                ready.fail(&err.to_string());
+            }
+            return Err(err);
+        }
+    };
+    let parent = generation.announce(ready).await;
+    let fds = std::mem::take(&mut generation.handover);
+    let spawner = ProcessSpawner::new(launch, fds.listeners, fds.control, upgrade_timeout);
+    crate::runner::run(generation, spawner, signals, parent, phase.clone()).await
 }
 
 /// Everything `gem serve` would check before serving, without serving: loads the
@@ -247,10 +273,9 @@ pub fn check(config: &Config) -> Result<crate::handler::HandlerInfo, Error> {
 /// For a process started by an upgrade that fails before it can build a [`Server`]
 /// (a broken config): tells the waiting parent why.
 pub fn report_startup_failure(reason: &str) {
-    if let Ok(Inherited {
-        ready: Some(ready), ..
-    }) = Inherited::take()
-    {
-        crate::upgrade::ReadyChannel::new(ready).fail(reason);
+    if let Ok(inherited) = take_inherited() {
+        if let Some(ready) = inherited.ready {
+            crate::upgrade::ReadyChannel::new(ready).fail(reason);
+        }
     }
 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use crate::config::ConfigError;
-use crate::fds::FdError;
+use crate::handover::FdError;
 use crate::plugin::PluginError;
 use crate::signals::{Signal, SignalError};
 

@@ -6,23 +6,25 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use futures_util::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::config::{Config, ListenAddr};
 use crate::control::{self, Call};
 use crate::drain::{DrainOutcome, DrainSignal};
 use crate::error::Error;
-use crate::fds::{Inherited, open_listeners};
 use crate::handler::Handler;
+use crate::handover::Inherited;
+use crate::lifecycle::Identity;
+use crate::listeners::open_listeners;
 use crate::plugin::LoadedPlugin;
 use crate::server::{ServeContext, accept_loop};
-use crate::signals::{Action, Signal, SignalRegistry};
+use crate::service::{Notice, notify, write_pid_file};
+use crate::signals::{Action, SignalRegistry};
 use crate::upgrade::{Channel, ReadyChannel};
 
 /// Where requests go.
@@ -56,15 +58,21 @@ pub enum Exit {
 pub(crate) struct Listening {
     pub(crate) addr: ListenAddr,
     pub(crate) local: SocketAddr,
-    /// A duplicate kept for handing over; the accept loop owns the original.
-    pub(crate) fd: OwnedFd,
     pub(crate) tracker: TaskTracker,
+}
+
+/// Duplicates of the sockets, kept for handing over to the next generation (the accept
+/// loops own the originals).
+#[derive(Debug, Default)]
+pub(crate) struct HandoverFds {
+    /// Each listener's label (its `listen` entry as written) and socket.
+    pub(crate) listeners: Vec<(String, OwnedFd)>,
+    pub(crate) control: Option<OwnedFd>,
 }
 
 /// The control socket being served.
 pub(crate) struct ControlSocket {
     pub(crate) path: PathBuf,
-    pub(crate) fd: OwnedFd,
     /// Taken by the lifecycle loop.
     pub(crate) calls: Option<mpsc::Receiver<Call>>,
     pub(crate) stop: CancellationToken,
@@ -80,6 +88,8 @@ pub(crate) struct Generation {
     pub(crate) handler: Arc<dyn Handler>,
     pub(crate) listening: Vec<Listening>,
     pub(crate) control: Option<ControlSocket>,
+    /// Taken by the runner for its spawner.
+    pub(crate) handover: HandoverFds,
     pub(crate) drain: DrainSignal,
     pub(crate) started: Instant,
     /// The process that handed over to this one, for generations after the first.
@@ -127,12 +137,19 @@ async fn start_serving(
     let ctx = ServeContext::new(handler.clone(), config.limits, drain.clone());
     // Everything that can fail happens before the first accept: a process that fails
     // to start must not have taken a connection off a shared socket.
-    let prepared = sockets
-        .into_iter()
-        .map(|(addr, socket)| prepare_listener(addr, socket))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut handover = HandoverFds::default();
+    let mut prepared = Vec::with_capacity(sockets.len());
+    for (addr, socket) in sockets {
+        let (listening, listener, fd) = prepare_listener(addr, socket)?;
+        handover.listeners.push((listening.addr.spec.clone(), fd));
+        prepared.push((listening, listener));
+    }
     let control = match &config.control_socket {
-        Some(path) => Some(open_control(path, inherited_control)?),
+        Some(path) => {
+            let (control, fd) = open_control(path, inherited_control)?;
+            handover.control = Some(fd);
+            Some(control)
+        }
         None => None,
     };
     if let Some(path) = &config.pid_file {
@@ -155,6 +172,7 @@ async fn start_serving(
         handler,
         listening,
         control,
+        handover,
         drain,
         started: Instant::now(),
         parent_pid: (number > 1).then(std::os::unix::process::parent_id),
@@ -164,7 +182,7 @@ async fn start_serving(
 fn prepare_listener(
     addr: ListenAddr,
     socket: std::net::TcpListener,
-) -> Result<(Listening, tokio::net::TcpListener), Error> {
+) -> Result<(Listening, tokio::net::TcpListener, OwnedFd), Error> {
     let fd = socket
         .as_fd()
         .try_clone_to_owned()
@@ -180,15 +198,17 @@ fn prepare_listener(
     let serving = Listening {
         addr,
         local,
-        fd,
         tracker: TaskTracker::new(),
     };
-    Ok((serving, listener))
+    Ok((serving, listener, fd))
 }
 
 /// Adopts the inherited control socket (a new generation never re-binds the live
 /// path) or binds a fresh one, and starts answering on it.
-fn open_control(path: &Path, inherited: Option<StdUnixListener>) -> Result<ControlSocket, Error> {
+fn open_control(
+    path: &Path,
+    inherited: Option<StdUnixListener>,
+) -> Result<(ControlSocket, OwnedFd), Error> {
     let file_err = |source| Error::File {
         path: path.to_owned(),
         source,
@@ -212,13 +232,13 @@ fn open_control(path: &Path, inherited: Option<StdUnixListener>) -> Result<Contr
     let stop = CancellationToken::new();
     let answers = TaskTracker::new();
     tokio::spawn(control::serve(listener, tx, stop.clone(), answers.clone()));
-    Ok(ControlSocket {
+    let control = ControlSocket {
         path: path.to_owned(),
-        fd,
         calls: Some(calls),
         stop,
         answers,
-    })
+    };
+    Ok((control, fd))
 }
 
 fn log_handler(pid: u32, handler: &dyn Handler) {
@@ -264,14 +284,19 @@ pub(crate) fn check_signal_hook(
     }
 }
 
-/// Tells systemd (when `NOTIFY_SOCKET` is set) about a lifecycle step.
-pub(crate) fn notify(states: &[sd_notify::NotifyState<'_>]) {
-    if let Err(err) = sd_notify::notify(states) {
-        debug!(cause = %err, "sd_notify failed");
-    }
-}
-
 impl Generation {
+    /// Who this generation is, for the lifecycle.
+    pub(crate) fn identity(&self) -> Identity {
+        Identity {
+            pid: self.pid,
+            generation: self.number,
+            parent_pid: self.parent_pid,
+            started: self.started,
+            listen: self.listening.iter().map(|l| l.local.to_string()).collect(),
+            handler: self.handler.clone(),
+        }
+    }
+
     /// Announces that this generation serves: the log line, then `ready` to the old
     /// process (whose channel comes back) or `READY=1` to systemd.
     pub(crate) async fn announce(&self, ready: Option<ReadyChannel>) -> Option<Channel> {
@@ -289,7 +314,7 @@ impl Generation {
                 }
             },
             None => {
-                notify(&[sd_notify::NotifyState::Ready]);
+                notify(&Notice::Ready { status: None });
                 None
             }
         }
@@ -330,45 +355,4 @@ impl Generation {
         info!("[{pid}] all of old servers have been shutdown successfully.");
         total
     }
-}
-
-pub(crate) fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-/// Writes `pid` to `path` atomically: a temporary file in the same directory, renamed.
-pub(crate) fn write_pid_file(path: &Path, pid: u32) -> Result<(), Error> {
-    let file_err = |source| Error::File {
-        path: path.to_owned(),
-        source,
-    };
-    let tmp = path.with_extension(format!("tmp.{pid}"));
-    std::fs::write(&tmp, format!("{pid}\n")).map_err(file_err)?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        file_err(e)
-    })
-}
-
-/// Removes the pid file on a final stop, unless another process has taken it over.
-pub(crate) fn remove_pid_file(path: &Path, pid: u32) {
-    let ours = std::fs::read_to_string(path)
-        .ok()
-        .and_then(|s| s.trim().parse::<u32>().ok())
-        == Some(pid);
-    if ours {
-        let _ = std::fs::remove_file(path);
-    }
-}
-
-/// Real Unix signals for every signal in `registry`, as a stream.
-pub(crate) fn os_signals(
-    registry: &SignalRegistry,
-) -> Result<impl Stream<Item = Signal> + Unpin + use<>, Error> {
-    let numbers: Vec<i32> = registry.iter().map(|(s, _)| s.number()).collect();
-    let signals = signal_hook_tokio::Signals::new(numbers)
-        .map_err(Error::io("installing signal handlers"))?;
-    Ok(signals.filter_map(|n| std::future::ready(Signal::from_number(n))))
 }

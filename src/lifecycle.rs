@@ -1,47 +1,131 @@
-//! The event loop of a serving process: turn each signal or control command into an
-//! action, run upgrades (one at a time, with one coalesced follow-up), and after a
-//! shutdown or a handover, drain and return.
+//! The lifecycle of a serving process as a state machine: events go in (signals,
+//! control calls, upgrade outcomes, messages from the previous generation), actions
+//! come out (start an upgrade, call the plugin's hook, tell systemd, drain). It does no
+//! I/O itself, except answering control calls on their channels; [`crate::runner`]
+//! carries out the actions.
+//!
+//! Upgrades run one at a time. A restart asked for while one runs is coalesced into one
+//! follow-up: run here if the upgrade fails, or passed to the new process if it succeeds.
 
 use std::collections::BTreeMap;
-use std::os::fd::AsFd;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
-use futures_util::{Stream, StreamExt};
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tokio::sync::{oneshot, watch};
+use tracing::{error, info};
 
 use crate::control::{self, Call, Command, Draining, LastUpgrade, Reply, ReplyBody, Status};
 use crate::drain::DrainSignal;
-use crate::error::Error;
-use crate::generation::{Exit, Generation, notify, remove_pid_file, unix_ms, write_pid_file};
-use crate::signals::{Action, Signal};
-use crate::upgrade::{Channel, FromParent, Handover, Launch, UpgradeError, Upgraded};
+use crate::handler::Handler;
+use crate::service::Notice;
+use crate::signals::{Action as SignalAction, Signal, SignalRegistry};
+use crate::upgrade::{FromParent, UpgradeError};
 
-/// What the loop does next.
-enum Next {
-    Continue,
+/// Where a server is in its life, published on a watch channel
+/// ([`crate::Server::phases`]) so that embedders and tests can wait for a phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Loading the handler and opening the sockets.
+    Starting,
+    /// Serving.
+    Serving,
+    /// Serving, while a new process starts.
+    Upgrading,
+    /// Not accepting any more; finishing what is open.
+    Draining,
+    /// Done.
+    Exited,
+}
+
+/// Something that happened to the serving process.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// A signal arrived.
+    Signal(Signal),
+    /// A control-socket command arrived.
+    Call(Call),
+    /// The upgrade started by the last [`Action::StartUpgrade`] ended: the new process's
+    /// pid, or why it failed.
+    UpgradeDone(Result<u32, UpgradeError>),
+    /// The previous generation sent a message.
+    Parent(FromParent),
+    /// The previous generation closed its channel: it is gone.
+    ParentGone,
+}
+
+/// What the lifecycle wants done, in order.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// Start generation `generation` and report back with [`Event::UpgradeDone`].
+    StartUpgrade {
+        /// The new generation's number.
+        generation: u64,
+    },
+    /// Pass the pending restart to the new process (right before handing over).
+    ForwardRestart,
+    /// Call the handler's `on_signal` hook with this signal.
+    CallHook(Signal),
+    /// Tell systemd.
+    Notify(Notice),
+    /// Write this process's pid into the pid file again (a failed child may have
+    /// written its own).
+    RestorePidFile,
+    /// Stop: cancel any upgrade, drain, and end the loop.
+    Drain(Ending),
+}
+
+/// How the loop ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// A shutdown: drain, then exit.
     Shutdown,
-    HandedOver(Box<Upgraded>),
+    /// A new process serves: drain, then exit.
+    HandedOver {
+        /// Its pid.
+        to: u32,
+    },
+}
+
+/// Who this process is, for logs and `gem status`.
+#[derive(Clone)]
+pub(crate) struct Identity {
+    pub(crate) pid: u32,
+    pub(crate) generation: u64,
+    /// The process that handed over to this one, for generations after the first.
+    pub(crate) parent_pid: Option<u32>,
+    pub(crate) started: Instant,
+    pub(crate) listen: Vec<String>,
+    /// Asked for its info at every `status` (its sha256 arrives after the start).
+    pub(crate) handler: Arc<dyn Handler>,
 }
 
 /// An upgrade under way.
+#[derive(Debug)]
 struct Running {
-    task: JoinHandle<Result<Upgraded, UpgradeError>>,
-    cancel: CancellationToken,
     started: Instant,
     /// `gem reload` clients waiting for this upgrade's outcome.
     waiters: Vec<oneshot::Sender<Reply>>,
 }
 
-/// The event loop of a serving generation.
-struct Lifecycle {
-    generation: Generation,
-    launch: Launch,
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("pid", &self.pid)
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The state machine. See the module documentation.
+#[derive(Debug)]
+pub(crate) struct Lifecycle {
+    me: Identity,
+    signals: SignalRegistry,
+    /// Live counts for `gem status`.
+    drain: DrainSignal,
+    phase: watch::Sender<Phase>,
     upgrade: Option<Running>,
-    /// A restart asked for while an upgrade ran (at most one follow-up), with the
-    /// clients waiting for it.
+    /// A restart asked for while an upgrade ran (at most one), with its waiters.
     follow_up: Option<Vec<oneshot::Sender<Reply>>>,
     last_upgrade: Option<LastUpgrade>,
     /// The outcome of this generation's first upgrade, for `wait_upgrade`.
@@ -50,27 +134,30 @@ struct Lifecycle {
     stop_waiters: Vec<oneshot::Sender<Reply>>,
     /// Older generations still draining: pid -> open connections.
     draining: BTreeMap<u32, usize>,
+    ending: Option<Ending>,
 }
 
-impl Generation {
-    /// Runs the loop until shutdown or handover, then drains.
-    pub(crate) async fn run(
-        mut self,
-        launch: Launch,
-        mut signals: impl Stream<Item = Signal> + Unpin,
-        mut parent: Option<Channel>,
-    ) -> Result<Exit, Error> {
-        let mut calls = self.control.as_mut().and_then(|c| c.calls.take());
+impl Lifecycle {
+    /// The lifecycle of a generation that serves now.
+    pub(crate) fn new(
+        me: Identity,
+        signals: SignalRegistry,
+        drain: DrainSignal,
+        phase: watch::Sender<Phase>,
+    ) -> Self {
         // A generation born of an upgrade reports that upgrade until it makes its own.
-        let last_upgrade = self.parent_pid.map(|_| LastUpgrade {
+        let last_upgrade = me.parent_pid.map(|_| LastUpgrade {
             result: "upgraded".into(),
             at_unix_ms: unix_ms(),
             reason: String::new(),
-            pid: Some(self.pid),
+            pid: Some(me.pid),
         });
-        let mut life = Lifecycle {
-            generation: self,
-            launch,
+        phase.send_replace(Phase::Serving);
+        Lifecycle {
+            me,
+            signals,
+            drain,
+            phase,
             upgrade: None,
             follow_up: None,
             last_upgrade,
@@ -78,109 +165,94 @@ impl Generation {
             first_waiters: Vec::new(),
             stop_waiters: Vec::new(),
             draining: BTreeMap::new(),
-        };
-        let mut signals_open = true;
-        let next = loop {
-            let next = tokio::select! {
-                sig = signals.next(), if signals_open => match sig {
-                    Some(sig) => life.on_signal(sig),
-                    None => { signals_open = false; Next::Continue }
-                },
-                call = async { calls.as_mut()?.recv().await }, if calls.is_some() => match call {
-                    Some(call) => life.on_call(call),
-                    None => { calls = None; Next::Continue }
-                },
-                joined = async { (&mut life.upgrade.as_mut()?.task).await.ok() },
-                    if life.upgrade.is_some() => life.on_upgrade_done(joined).await,
-                msg = async { parent.as_mut()?.next().await }, if parent.is_some() => {
-                    match msg {
-                        Some(msg) => life.on_parent(msg),
-                        None => { parent = None; life.draining.clear(); }
-                    }
-                    Next::Continue
-                }
-            };
-            match next {
-                Next::Continue => continue,
-                other => break other,
-            }
-        };
-        if let Some(control) = &life.generation.control {
-            // New control clients must reach the new generation (or nobody).
-            control.stop.cancel();
+            ending: None,
         }
-        // Commands that still reach this process are told where to go instead.
-        if let Some(calls) = calls {
-            let to = match &next {
-                Next::HandedOver(upgraded) => Some(upgraded.pid),
-                _ => None,
-            };
-            tokio::spawn(turn_away(calls, to));
-        }
-        life.finish(next, parent).await
-    }
-}
-
-impl Lifecycle {
-    fn pid(&self) -> u32 {
-        self.generation.pid
     }
 
-    fn on_signal(&mut self, sig: Signal) -> Next {
-        let pid = self.pid();
+    /// Takes in one event; returns what to do about it.
+    pub(crate) fn handle(&mut self, event: Event) -> Vec<Action> {
+        let mut out = Vec::new();
+        if let Some(ending) = self.ending {
+            self.after_the_end(event, ending);
+            return out;
+        }
+        match event {
+            Event::Signal(sig) => self.on_signal(sig, &mut out),
+            Event::Call(call) => self.on_call(call, &mut out),
+            Event::UpgradeDone(Ok(to)) => self.upgrade_succeeded(to, &mut out),
+            Event::UpgradeDone(Err(err)) => self.upgrade_failed(&err, &mut out),
+            Event::Parent(msg) => self.on_parent(msg, &mut out),
+            Event::ParentGone => self.draining.clear(),
+        }
+        out
+    }
+
+    /// The `gem stop` clients to answer once the drain is over.
+    pub(crate) fn take_stop_waiters(&mut self) -> Vec<oneshot::Sender<Reply>> {
+        std::mem::take(&mut self.stop_waiters)
+    }
+
+    /// The running upgrade was stopped by the drain: answers its waiters with `reason`.
+    pub(crate) fn upgrade_stopped(&mut self, reason: &str) {
+        let pid = self.me.pid;
+        let waiters = self.upgrade.take().map(|r| r.waiters).unwrap_or_default();
+        let follow_up = self.follow_up.take().unwrap_or_default();
+        let first = std::mem::take(&mut self.first_waiters);
+        for w in waiters.into_iter().chain(follow_up).chain(first) {
+            let _ = w.send(Reply::error(reason, pid));
+        }
+    }
+
+    /// Publishes a phase the runner reached (draining done, exited).
+    pub(crate) fn set_phase(&self, phase: Phase) {
+        self.phase.send_replace(phase);
+    }
+
+    fn on_signal(&mut self, sig: Signal, out: &mut Vec<Action>) {
+        let pid = self.me.pid;
         let desc = sig.description();
-        match self.generation.config.signals.action(sig) {
-            Some(Action::Restart) => {
+        match self.signals.action(sig) {
+            Some(SignalAction::Restart) => {
                 info!("[{pid}] received signal {desc:?}.");
-                self.request_restart(None);
-                Next::Continue
+                self.request_restart(None, out);
             }
-            Some(Action::Shutdown) => {
+            Some(SignalAction::Shutdown) => {
                 info!("[{pid}] received signal {desc:?}.");
-                Next::Shutdown
+                self.end(Ending::Shutdown, out);
             }
-            Some(Action::Plugin) => {
+            Some(SignalAction::Plugin) => {
                 info!("[{pid}] received signal {desc:?}; calling the handler's on_signal hook.");
-                let handler = self.generation.handler.clone();
-                let signo = sig.number();
-                tokio::task::spawn_blocking(move || handler.on_signal(signo));
-                Next::Continue
+                out.push(Action::CallHook(sig));
             }
-            Some(Action::Ignore) | None => {
-                info!("[{pid}] ignored signal {desc:?}.");
-                Next::Continue
-            }
+            Some(SignalAction::Ignore) | None => info!("[{pid}] ignored signal {desc:?}."),
         }
     }
 
-    fn on_call(&mut self, call: Call) -> Next {
-        let pid = self.pid();
+    fn on_call(&mut self, call: Call, out: &mut Vec<Action>) {
+        let pid = self.me.pid;
         match call.cmd {
             Command::Status => {
-                let status = self.status();
-                let _ = call
-                    .reply
-                    .send(Reply::ok(ReplyBody::Status(Box::new(status))));
+                let status = Box::new(self.status());
+                let _ = call.reply.send(Reply::ok(ReplyBody::Status(status)));
             }
             Command::Reload => {
                 info!("[{pid}] reload requested on the control socket.");
-                self.request_restart(Some(call.reply));
+                self.request_restart(Some(call.reply), out);
             }
             Command::WaitUpgrade { generation } => self.wait_upgrade(generation, call.reply),
             Command::Stop => {
                 info!("[{pid}] stop requested on the control socket.");
                 self.stop_waiters.push(call.reply);
-                return Next::Shutdown;
+                self.end(Ending::Shutdown, out);
             }
         }
-        Next::Continue
     }
 
-    fn on_parent(&mut self, msg: FromParent) {
+    fn on_parent(&mut self, msg: FromParent, out: &mut Vec<Action>) {
         match msg {
             FromParent::Restart => {
-                info!("[{}] restart passed on by the old process.", self.pid());
-                self.request_restart(None);
+                info!("[{}] restart passed on by the old process.", self.me.pid);
+                self.request_restart(None, out);
             }
             FromParent::Draining { pid, connections } => {
                 self.draining.insert(pid, connections);
@@ -191,21 +263,56 @@ impl Lifecycle {
         }
     }
 
+    /// Events after the loop decided to end only reach the log.
+    fn after_the_end(&mut self, event: Event, ending: Ending) {
+        let pid = self.me.pid;
+        let state = match ending {
+            Ending::Shutdown => "shutting down",
+            Ending::HandedOver { .. } => "handing over",
+        };
+        match event {
+            Event::Signal(sig) => info!(
+                "[{pid}] received signal {:?} while {state}; nothing more to do.",
+                sig.description()
+            ),
+            // `gem stop` during a shutdown waits for its end like the first one.
+            Event::Call(call) if ending == Ending::Shutdown && call.cmd == Command::Stop => {
+                self.stop_waiters.push(call.reply);
+            }
+            Event::Call(call) => {
+                let _ = call.reply.send(match ending {
+                    Ending::HandedOver { to } => Reply::ok(ReplyBody::HandedOver { to }),
+                    Ending::Shutdown => Reply::error("the server is shutting down", pid),
+                });
+            }
+            _ => {}
+        }
+    }
+
+    fn end(&mut self, ending: Ending, out: &mut Vec<Action>) {
+        self.ending = Some(ending);
+        self.phase.send_replace(Phase::Draining);
+        if ending == Ending::Shutdown {
+            out.push(Action::Notify(Notice::Stopping));
+        }
+        out.push(Action::Drain(ending));
+    }
+
     /// Answers with the outcome of generation `generation`'s first upgrade.
     fn wait_upgrade(&mut self, generation: u64, reply: oneshot::Sender<Reply>) {
-        let me = self.generation.number;
+        let me = self.me.generation;
         if generation < me {
             // That upgrade succeeded: this process is (a descendant of) its result.
             let _ = reply.send(Reply::ok(ReplyBody::Upgraded(control::Upgraded {
-                from: self.generation.parent_pid.unwrap_or_default(),
-                to: self.pid(),
+                from: self.me.parent_pid.unwrap_or_default(),
+                to: self.me.pid,
                 generation: me,
                 ms: None,
             })));
         } else if generation > me {
             let _ = reply.send(Reply::error(
                 format!("generation {generation} has not started; this is generation {me}"),
-                self.pid(),
+                self.me.pid,
             ));
         } else if let Some(outcome) = &self.first_outcome {
             let _ = reply.send(outcome.clone());
@@ -215,8 +322,8 @@ impl Lifecycle {
     }
 
     /// Starts an upgrade, or books the one follow-up if one is running.
-    fn request_restart(&mut self, waiter: Option<oneshot::Sender<Reply>>) {
-        let pid = self.pid();
+    fn request_restart(&mut self, waiter: Option<oneshot::Sender<Reply>>, out: &mut Vec<Action>) {
+        let pid = self.me.pid;
         if self.upgrade.is_some() {
             let follow_up = self.follow_up.get_or_insert_with(|| {
                 info!("[{pid}] an upgrade is already running; one more will follow it.");
@@ -225,127 +332,65 @@ impl Lifecycle {
             follow_up.extend(waiter);
             return;
         }
-        let waiters: Vec<_> = waiter.into_iter().collect();
         info!("[{pid}] Restarting...");
-        notify(&[
-            sd_notify::NotifyState::Reloading,
-            sd_notify::NotifyState::monotonic_usec_now()
-                .unwrap_or(sd_notify::NotifyState::Custom("")),
-        ]);
-        let g = &self.generation;
-        let listeners: Vec<_> = g
-            .listening
-            .iter()
-            .map(|l| (l.addr.spec.clone(), l.fd.as_fd()))
-            .collect();
-        let control = g.control.as_ref().map(|c| c.fd.as_fd());
-        let handover = Handover::new(
-            self.launch.clone(),
-            &listeners,
-            control,
-            g.number + 1,
-            g.config.upgrade_timeout,
-        );
-        let handover = match handover {
-            Ok(h) => h,
-            Err(err) => {
-                self.upgrade_failed(UpgradeError::Io(err), waiters);
-                return;
-            }
-        };
-        let cancel = CancellationToken::new();
-        let task = tokio::spawn(handover.run(
-            move |child| info!("[{pid}] Fork-exec to {child}."),
-            cancel.clone(),
-        ));
         self.upgrade = Some(Running {
-            task,
-            cancel,
             started: Instant::now(),
-            waiters,
+            waiters: waiter.into_iter().collect(),
+        });
+        self.phase.send_replace(Phase::Upgrading);
+        out.push(Action::Notify(Notice::Reloading));
+        out.push(Action::StartUpgrade {
+            generation: self.me.generation + 1,
         });
     }
 
-    async fn on_upgrade_done(&mut self, joined: Option<Result<Upgraded, UpgradeError>>) -> Next {
+    fn upgrade_succeeded(&mut self, to: u32, out: &mut Vec<Action>) {
         let Some(running) = self.upgrade.take() else {
-            return Next::Continue;
+            return;
         };
-        let result = joined.unwrap_or_else(|| {
-            Err(UpgradeError::Io(std::io::Error::other(
-                "the upgrade task panicked",
-            )))
-        });
-        match result {
-            Ok(upgraded) => self.upgrade_succeeded(upgraded, running).await,
-            Err(err) => {
-                self.upgrade_failed(err, running.waiters);
-                if let Some(waiters) = self.follow_up.take() {
-                    let mut waiters = waiters.into_iter();
-                    self.request_restart(waiters.next());
-                    if let Some(r) = &mut self.upgrade {
-                        r.waiters.extend(waiters);
-                    }
-                }
-                Next::Continue
-            }
-        }
-    }
-
-    async fn upgrade_succeeded(&mut self, mut upgraded: Upgraded, running: Running) -> Next {
-        let pid = self.pid();
-        let generation = self.generation.number + 1;
-        let ms = u64::try_from(running.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        info!(
-            "[{pid}] process {} is ready (generation {generation}, {ms} ms); handing over.",
-            upgraded.pid
-        );
-        notify(&[
-            sd_notify::NotifyState::MainPid(upgraded.pid),
-            sd_notify::NotifyState::Ready,
-        ]);
+        let pid = self.me.pid;
+        let generation = self.me.generation + 1;
+        let ms = millis(running.started.elapsed());
+        info!("[{pid}] process {to} is ready (generation {generation}, {ms} ms); handing over.");
+        out.push(Action::Notify(Notice::HandedOver { pid: to }));
         let reply = Reply::ok(ReplyBody::Upgraded(control::Upgraded {
             from: pid,
-            to: upgraded.pid,
+            to,
             generation,
             ms: Some(ms),
         }));
-        self.record(reply, running.waiters, Some(upgraded.pid), String::new());
+        self.record(reply, running.waiters, Some(to), String::new());
         if let Some(waiters) = self.follow_up.take() {
-            match upgraded.send(&FromParent::Restart).await {
-                Ok(()) => info!("[{pid}] passed the pending restart to {}.", upgraded.pid),
-                Err(e) => warn!("[{pid}] could not pass the pending restart on: {e}"),
-            }
-            let forwarded = Reply::ok(ReplyBody::Forwarded {
-                to: upgraded.pid,
-                generation,
-            });
+            out.push(Action::ForwardRestart);
+            let forwarded = Reply::ok(ReplyBody::Forwarded { to, generation });
             for w in waiters {
                 let _ = w.send(forwarded.clone());
             }
         }
-        Next::HandedOver(Box::new(upgraded))
+        self.end(Ending::HandedOver { to }, out);
     }
 
-    fn upgrade_failed(&mut self, err: UpgradeError, waiters: Vec<oneshot::Sender<Reply>>) {
-        let pid = self.pid();
+    fn upgrade_failed(&mut self, err: &UpgradeError, out: &mut Vec<Action>) {
+        let Some(running) = self.upgrade.take() else {
+            return;
+        };
+        let pid = self.me.pid;
         error!("[{pid}] upgrade failed: {err}; process {pid} keeps serving.");
         let reason = err.to_string();
-        notify(&[
-            sd_notify::NotifyState::Ready,
-            sd_notify::NotifyState::Status(&format!("upgrade failed: {reason}")),
-        ]);
-        // The child may have written the pid file before it failed.
-        if let Some(path) = &self.generation.config.pid_file {
-            if let Err(e) = write_pid_file(path, pid) {
-                warn!("[{pid}] {e}");
+        self.phase.send_replace(Phase::Serving);
+        out.push(Action::Notify(Notice::Ready {
+            status: Some(format!("upgrade failed: {reason}")),
+        }));
+        out.push(Action::RestorePidFile);
+        let reply = Reply::error(reason.clone(), pid);
+        self.record(reply, running.waiters, err.pid(), reason);
+        if let Some(waiters) = self.follow_up.take() {
+            let mut waiters = waiters.into_iter();
+            self.request_restart(waiters.next(), out);
+            if let Some(running) = &mut self.upgrade {
+                running.waiters.extend(waiters);
             }
         }
-        self.record(
-            Reply::error(reason.clone(), pid),
-            waiters,
-            err.pid(),
-            reason,
-        );
     }
 
     /// Answers the waiters of an upgrade and remembers its outcome.
@@ -369,15 +414,14 @@ impl Lifecycle {
     }
 
     fn status(&self) -> Status {
-        let g = &self.generation;
         Status {
-            pid: g.pid,
-            generation: g.number,
-            uptime_ms: u64::try_from(g.started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            listen: g.listening.iter().map(|l| l.local.to_string()).collect(),
-            plugin: g.handler.info(),
-            in_flight: g.drain.in_flight(),
-            connections: g.drain.connections(),
+            pid: self.me.pid,
+            generation: self.me.generation,
+            uptime_ms: millis(self.me.started.elapsed()),
+            listen: self.me.listen.clone(),
+            plugin: self.me.handler.info(),
+            in_flight: self.drain.in_flight(),
+            connections: self.drain.connections(),
             last_upgrade: self.last_upgrade.clone(),
             draining: self
                 .draining
@@ -389,101 +433,122 @@ impl Lifecycle {
                 .collect(),
         }
     }
-
-    /// Stops a running upgrade (its child is killed and reaped), drains, cleans up.
-    async fn finish(mut self, next: Next, parent: Option<Channel>) -> Result<Exit, Error> {
-        let pid = self.pid();
-        if let Some(running) = self.upgrade.take() {
-            running.cancel.cancel();
-            let outcome = match running.task.await {
-                Ok(Err(err)) => err.to_string(),
-                _ => "the upgrade was stopped by a shutdown".into(),
-            };
-            warn!("[{pid}] {outcome}");
-            for w in running.waiters {
-                let _ = w.send(Reply::error(outcome.clone(), pid));
-            }
-        }
-        match next {
-            Next::HandedOver(upgraded) => {
-                let upgraded = *upgraded;
-                let to = upgraded.pid;
-                let done = CancellationToken::new();
-                let relay = tokio::spawn(relay_drain(
-                    upgraded,
-                    parent,
-                    self.generation.drain.clone(),
-                    done.clone(),
-                ));
-                let cut = self.generation.drain_all().await;
-                done.cancel();
-                let _ = relay.await;
-                self.generation.flush_answers().await;
-                Ok(Exit::HandedOver { to, cut })
-            }
-            _ => {
-                notify(&[sd_notify::NotifyState::Stopping]);
-                let cut = self.generation.drain_all().await;
-                if let Some(path) = &self.generation.config.pid_file {
-                    remove_pid_file(path, pid);
-                }
-                if let Some(control) = &self.generation.control {
-                    let _ = std::fs::remove_file(&control.path);
-                }
-                for w in self.stop_waiters {
-                    let _ = w.send(Reply::ok(ReplyBody::Stopped { pid, cut }));
-                }
-                if let Some(control) = &self.generation.control {
-                    control.answers.close();
-                    let _ =
-                        tokio::time::timeout(Duration::from_secs(1), control.answers.wait()).await;
-                }
-                Ok(Exit::Shutdown { cut })
-            }
-        }
-    }
 }
 
-/// While this process drains after a handover, tells the new one how many connections
-/// remain here (and relays what older generations report), so `gem status` can show it.
-async fn relay_drain(
-    mut child: Upgraded,
-    mut parent: Option<Channel>,
-    drain: DrainSignal,
-    done: CancellationToken,
-) {
-    let pid = std::process::id();
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
-    loop {
-        tokio::select! {
-            () = done.cancelled() => {
-                let _ = child.send(&FromParent::Drained { pid }).await;
-                return;
-            }
-            _ = tick.tick() => {
-                let connections = drain.connections();
-                if child.send(&FromParent::Draining { pid, connections }).await.is_err() {
-                    return;
-                }
-            }
-            msg = async { parent.as_mut()?.next().await }, if parent.is_some() => match msg {
-                Some(FromParent::Restart) => {}
-                Some(msg) => { let _ = child.send(&msg).await; }
-                None => parent = None,
-            },
-        }
-    }
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Answers control commands that arrive after the loop ended: after a handover, "ask
-/// the new process"; after a shutdown, "shutting down".
-async fn turn_away(mut calls: mpsc::Receiver<Call>, handed_over_to: Option<u32>) {
-    let pid = std::process::id();
-    while let Some(call) = calls.recv().await {
-        let reply = match handed_over_to {
-            Some(to) => Reply::ok(ReplyBody::HandedOver { to }),
-            None => Reply::error("the server is shutting down", pid),
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, millis)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handler::{FnHandler, Response};
+
+    fn lifecycle() -> (Lifecycle, watch::Receiver<Phase>) {
+        let me = Identity {
+            pid: 10,
+            generation: 1,
+            parent_pid: None,
+            started: Instant::now(),
+            listen: Vec::new(),
+            handler: Arc::new(FnHandler::new("t", |_| Response::text(200, "x"))),
         };
-        let _ = call.reply.send(reply);
+        let phase = watch::Sender::new(Phase::Starting);
+        let rx = phase.subscribe();
+        let drain = DrainSignal::new(Duration::ZERO);
+        (
+            Lifecycle::new(me, SignalRegistry::default(), drain, phase),
+            rx,
+        )
+    }
+
+    fn call(cmd: Command) -> (Event, oneshot::Receiver<Reply>) {
+        let (reply, rx) = oneshot::channel();
+        (Event::Call(Call { cmd, reply }), rx)
+    }
+
+    #[test]
+    fn a_failed_upgrade_restores_the_pid_file_and_tells_systemd_why() {
+        let (mut life, phase) = lifecycle();
+        let started = life.handle(Event::Signal(Signal::HUP));
+        assert_eq!(
+            started,
+            vec![
+                Action::Notify(Notice::Reloading),
+                Action::StartUpgrade { generation: 2 }
+            ]
+        );
+        assert_eq!(*phase.borrow(), Phase::Upgrading);
+        let err = UpgradeError::Timeout {
+            pid: 11,
+            after: Duration::from_secs(1),
+        };
+        let after = life.handle(Event::UpgradeDone(Err(err)));
+        assert_eq!(
+            after,
+            vec![
+                Action::Notify(Notice::Ready {
+                    status: Some("upgrade failed: new process 11 was not ready within 1s".into())
+                }),
+                Action::RestorePidFile,
+            ]
+        );
+        assert_eq!(*phase.borrow(), Phase::Serving);
+        let (status, mut rx) = call(Command::Status);
+        assert!(life.handle(status).is_empty());
+        let ReplyBody::Status(s) = rx.try_recv().unwrap().body else {
+            panic!("a status");
+        };
+        let last = s.last_upgrade.unwrap();
+        assert_eq!((last.result.as_str(), last.pid), ("failed", Some(11)));
+    }
+
+    #[test]
+    fn after_a_handover_calls_are_redirected_and_signals_only_logged() {
+        let (mut life, phase) = lifecycle();
+        life.handle(Event::Signal(Signal::HUP));
+        let done = life.handle(Event::UpgradeDone(Ok(77)));
+        assert_eq!(
+            done,
+            vec![
+                Action::Notify(Notice::HandedOver { pid: 77 }),
+                Action::Drain(Ending::HandedOver { to: 77 })
+            ]
+        );
+        assert_eq!(*phase.borrow(), Phase::Draining);
+        assert!(life.handle(Event::Signal(Signal::TERM)).is_empty());
+        assert!(life.handle(Event::Signal(Signal::HUP)).is_empty());
+        let (status, mut rx) = call(Command::Reload);
+        assert!(life.handle(status).is_empty());
+        assert_eq!(
+            rx.try_recv().unwrap().body,
+            ReplyBody::HandedOver { to: 77 }
+        );
+    }
+
+    #[test]
+    fn shutdown_tells_systemd_and_ends_once() {
+        let (mut life, _) = lifecycle();
+        assert_eq!(
+            life.handle(Event::Signal(Signal::INT)),
+            vec![
+                Action::Notify(Notice::Stopping),
+                Action::Drain(Ending::Shutdown)
+            ]
+        );
+        let (stop, mut rx) = call(Command::Stop);
+        assert!(life.handle(stop).is_empty(), "already ending");
+        assert!(rx.try_recv().is_err(), "answered when the drain is over");
+        assert_eq!(life.take_stop_waiters().len(), 1);
+        let (status, mut rx) = call(Command::Status);
+        assert!(life.handle(status).is_empty());
+        assert!(!rx.try_recv().unwrap().ok, "shutting down");
+        assert!(life.handle(Event::Signal(Signal::USR1)).is_empty());
     }
 }

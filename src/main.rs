@@ -148,6 +148,8 @@ fn init_logging() {
 }
 
 fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    // While this process has one thread, so the handover variables can be removed.
+    gem::claim_handover();
     let config = match Config::load(args.config.config.as_deref(), &args.overrides()) {
         Ok(config) => config,
         Err(err) => {

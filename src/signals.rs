@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
+use futures_util::{Stream, StreamExt};
+
 /// A Unix signal that gem knows by name.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Signal(i32);
@@ -297,6 +299,16 @@ impl SignalRegistry {
     pub fn iter(&self) -> impl Iterator<Item = (Signal, Action)> + '_ {
         self.map.iter().map(|(s, a)| (*s, *a))
     }
+}
+
+/// Real Unix signals for every signal in `registry`, as a stream. Installing a handler
+/// for each mapped signal, `ignore` included, is what keeps it from its default action.
+pub(crate) fn os_signals(
+    registry: &SignalRegistry,
+) -> std::io::Result<impl Stream<Item = Signal> + Unpin + use<>> {
+    let numbers: Vec<i32> = registry.iter().map(|(s, _)| s.number()).collect();
+    let signals = signal_hook_tokio::Signals::new(numbers)?;
+    Ok(signals.filter_map(|n| std::future::ready(Signal::from_number(n))))
 }
 
 #[cfg(test)]

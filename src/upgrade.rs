@@ -1,12 +1,14 @@
 //! Restart: start the recorded executable with the listening sockets inherited, wait
 //! for its "ready" on a private channel, and roll back (kill and reap) on any failure.
 //!
-//! The channel is a Unix socket pair. The child writes one line: `ready <pid>` once it
-//! serves, or `error <message>` if it cannot start. Afterwards the parent may write
-//! `restart` to hand over a restart request that arrived during the upgrade.
+//! The channel is a Unix socket pair speaking [`crate::wire`]'s JSON lines, each with a
+//! version `v`. The child sends one [`Report`]: `{"v":1,"msg":"ready","pid":N}` once it
+//! serves, or `{"v":1,"msg":"failed","reason":"..."}` if it cannot start. Afterwards the
+//! parent sends [`FromParent`] messages: a restart that arrived during the upgrade, and
+//! its drain's progress. The channel stays open while the old process drains.
 
 use std::ffi::OsString;
-use std::io::Write;
+use std::io::Write as _;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
@@ -14,29 +16,35 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 use command_fds::CommandFdExt;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use serde::{Deserialize, Serialize};
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
-use crate::fds::ChildFds;
+use crate::exec::Exec;
+use crate::handover::ChildFds;
+use crate::wire::{Wire, WireError};
+
+/// The version of the messages between generations.
+pub(crate) const VERSION: u32 = 1;
 
 /// How this process was started, recorded at start-up so a restart runs the binary now
 /// at that path (a rebuilt or reinstalled one), not the image of this process.
 #[derive(Debug, Clone)]
-pub struct Launch {
+pub(crate) struct Launch {
     /// Absolute path of the executable as it was invoked.
-    pub exe: PathBuf,
+    pub(crate) exe: PathBuf,
     /// Arguments after the program name.
-    pub args: Vec<OsString>,
+    pub(crate) args: Vec<OsString>,
     /// Working directory at start-up.
-    pub cwd: PathBuf,
+    pub(crate) cwd: PathBuf,
 }
 
 impl Launch {
     /// Records the current process's launch. `argv[0]` is made absolute (or looked up in
-    /// `PATH`) without resolving symlinks, so repointing a symlink upgrades too.
-    pub fn current() -> std::io::Result<Launch> {
+    /// `PATH`, once, now, as the shell that started us did) without resolving symlinks,
+    /// so repointing a symlink upgrades too.
+    pub(crate) fn current() -> std::io::Result<Launch> {
         let cwd = std::env::current_dir()?;
         let mut args = std::env::args_os();
         let argv0 = args.next().map(PathBuf::from);
@@ -62,7 +70,7 @@ fn search_path(name: &Path) -> Option<PathBuf> {
 /// Why an upgrade did not happen. The old process keeps serving in every case.
 #[derive(Debug, thiserror::Error)]
 pub enum UpgradeError {
-    /// The executable could not be started.
+    /// The executable could not be started (`Exec format error`, not found, ...).
     #[error("could not start {}: {source}", exe.display())]
     Spawn {
         /// The executable.
@@ -100,6 +108,9 @@ pub enum UpgradeError {
         /// The child's pid.
         pid: u32,
     },
+    /// The upgrade task itself failed (a bug); its child, if any, was killed.
+    #[error("the upgrade task failed: {0}")]
+    Task(String),
     /// Local I/O failure while setting up the handover.
     #[error("handover setup failed: {0}")]
     Io(#[from] std::io::Error),
@@ -113,32 +124,135 @@ impl UpgradeError {
             | UpgradeError::ChildExited { pid, .. }
             | UpgradeError::Timeout { pid, .. }
             | UpgradeError::Cancelled { pid } => Some(*pid),
-            UpgradeError::Spawn { .. } | UpgradeError::Io(_) => None,
+            UpgradeError::Spawn { .. } | UpgradeError::Task(_) | UpgradeError::Io(_) => None,
+        }
+    }
+}
+
+/// A message with its protocol version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Msg<T> {
+    /// Protocol version.
+    pub(crate) v: u32,
+    /// The message.
+    #[serde(flatten)]
+    pub(crate) body: T,
+}
+
+impl<T> Msg<T> {
+    pub(crate) fn new(body: T) -> Self {
+        Msg { v: VERSION, body }
+    }
+}
+
+/// What a starting child tells the process waiting for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "msg", rename_all = "snake_case")]
+pub(crate) enum Report {
+    /// It serves.
+    Ready {
+        /// Its pid.
+        pid: u32,
+    },
+    /// It could not start, and why.
+    Failed {
+        /// Its own error message.
+        reason: String,
+    },
+}
+
+/// What the old process sends the new one after the handover.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "msg", rename_all = "snake_case")]
+pub(crate) enum FromParent {
+    /// A restart request that arrived during the upgrade.
+    Restart,
+    /// An older generation is still draining with this many connections open.
+    Draining {
+        /// Its pid.
+        pid: u32,
+        /// Its open connections.
+        connections: usize,
+    },
+    /// An older generation finished draining.
+    Drained {
+        /// Its pid.
+        pid: u32,
+    },
+}
+
+/// The channel between two generations, read as [`crate::wire`] lines.
+pub(crate) type Channel = Wire<UnixStream>;
+
+/// The next message from the old process; `None` once it has gone. Messages of another
+/// version or kind are skipped. Cancellation-safe.
+pub(crate) async fn next_from_parent(channel: &mut Channel) -> Option<FromParent> {
+    loop {
+        match channel.recv::<Msg<FromParent>>().await {
+            Ok(Some(msg)) if msg.v == VERSION => return Some(msg.body),
+            Ok(Some(_)) | Err(WireError::Bad { .. }) => continue,
+            Ok(None) | Err(_) => return None,
         }
     }
 }
 
 /// A child that reported ready and now serves.
 #[derive(Debug)]
-pub struct Upgraded {
+pub(crate) struct Upgraded {
     /// Its pid.
-    pub pid: u32,
-    channel: UnixStream,
+    pub(crate) pid: u32,
+    channel: Channel,
     // Held so the child is reaped if it exits while we still run; never killed on drop.
-    _child: Child,
+    _child: Option<Child>,
 }
 
 impl Upgraded {
+    /// A new generation that serves, reachable on `channel`.
+    pub(crate) fn new(pid: u32, channel: UnixStream, child: Option<Child>) -> Self {
+        Upgraded {
+            pid,
+            channel: Wire::new(channel),
+            _child: child,
+        }
+    }
+
     /// Sends the new process one message.
-    pub async fn send(&mut self, msg: &FromParent) -> std::io::Result<()> {
-        self.channel.write_all(msg.line().as_bytes()).await
+    pub(crate) async fn send(&mut self, msg: FromParent) -> Result<(), WireError> {
+        self.channel.send(&Msg::new(msg)).await
+    }
+}
+
+/// The child until it is known to serve: dropped armed (a failed or cancelled upgrade,
+/// or a panic in the task that waits for it), it is killed, and tokio reaps it.
+struct ChildGuard(Option<Child>);
+
+impl ChildGuard {
+    /// Keeps the child running: the upgrade succeeded.
+    fn disarm(mut self) -> Option<Child> {
+        self.0.take()
+    }
+
+    /// Kills the child and waits for it to be reaped.
+    async fn kill(mut self) {
+        if let Some(mut child) = self.0.take() {
+            // kill() also reaps; for a child that already exited it is a no-op.
+            let _ = child.kill().await;
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.start_kill();
+        }
     }
 }
 
 /// A prepared handover: the child's fds are duplicated, so this owns everything it
 /// needs and can run on its own task.
 #[derive(Debug)]
-pub struct Handover {
+pub(crate) struct Handover {
     launch: Launch,
     fds: ChildFds,
     channel: UnixStream,
@@ -148,7 +262,7 @@ pub struct Handover {
 impl Handover {
     /// Prepares a handover of `listeners` (label and socket) and the control socket to
     /// a child of generation `generation`, which gets `timeout` to report ready.
-    pub fn new(
+    pub(crate) fn new(
         launch: Launch,
         listeners: &[(String, BorrowedFd<'_>)],
         control: Option<BorrowedFd<'_>>,
@@ -167,10 +281,10 @@ impl Handover {
         })
     }
 
-    /// Starts the child and waits for it to be ready. On failure, or when `cancel`
-    /// fires first, the child is killed and reaped before this returns. `on_spawn` is
-    /// told the child's pid.
-    pub async fn run(
+    /// Starts the child and waits for it to be ready. On failure, when `cancel` fires
+    /// first, or if this future is dropped or panics, the child is killed (and reaped).
+    /// `on_spawn` is told the child's pid.
+    pub(crate) async fn run(
         self,
         on_spawn: impl FnOnce(u32),
         cancel: CancellationToken,
@@ -181,65 +295,66 @@ impl Handover {
             channel,
             timeout,
         } = self;
-        let mut cmd = Command::new(&launch.exe);
-        cmd.args(&launch.args)
-            .current_dir(&launch.cwd)
-            .env_remove("LISTEN_FDS")
-            .env_remove("LISTEN_PID")
-            .env_remove("LISTEN_FDNAMES")
-            .envs(fds.env.iter().map(|(k, v)| (k, v)));
-        cmd.fd_mappings(fds.mappings)
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        let mut child = cmd.spawn().map_err(|source| UpgradeError::Spawn {
+        let spawn_err = |source| UpgradeError::Spawn {
             exe: launch.exe.clone(),
             source,
-        })?;
+        };
+        let exec = Exec::new(&launch.exe, &launch.args, fds.child_env()).map_err(spawn_err)?;
+        let mut cmd = Command::new(&launch.exe);
+        cmd.current_dir(&launch.cwd);
+        cmd.fd_mappings(fds.mappings)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        exec.install(&mut cmd);
+        let child = cmd.spawn().map_err(spawn_err)?;
         // Our copies of the child's fds (its end of the channel above all) must close
         // now, or we would never see the channel close if the child dies.
         drop(cmd);
         let pid = child.id().unwrap_or_default();
+        let mut guard = ChildGuard(Some(child));
         on_spawn(pid);
-        let mut reader = BufReader::new(channel);
-        let mut line = String::new();
+        let mut channel = Wire::new(channel);
         let deadline = tokio::time::Instant::now() + timeout;
+        let timed_out = || UpgradeError::Timeout {
+            pid,
+            after: timeout,
+        };
         let outcome = tokio::select! {
-            read = reader.read_line(&mut line) => match read {
-                Ok(n) if n > 0 => parse_report(pid, line.trim_end()),
+            report = channel.recv::<Msg<Report>>() => match report {
+                Ok(Some(msg)) => read_report(pid, msg),
+                Err(WireError::Bad { line, .. }) => Err(UpgradeError::ChildFailed {
+                    pid,
+                    reason: format!("unexpected report {line:?}"),
+                }),
                 // The channel closed: the child is exiting; say how it ended.
-                _ => match tokio::time::timeout_at(deadline, child.wait()).await {
-                    Ok(status) => Err(exited(pid, status)),
-                    Err(_) => Err(UpgradeError::Timeout { pid, after: timeout }),
+                _ => match guard.0.as_mut() {
+                    Some(child) => match tokio::time::timeout_at(deadline, child.wait()).await {
+                        Ok(status) => Err(exited(pid, status)),
+                        Err(_) => Err(timed_out()),
+                    },
+                    None => Err(timed_out()),
                 },
             },
-            () = tokio::time::sleep_until(deadline) => Err(UpgradeError::Timeout { pid, after: timeout }),
+            () = tokio::time::sleep_until(deadline) => Err(timed_out()),
             () = cancel.cancelled() => Err(UpgradeError::Cancelled { pid }),
         };
         match outcome {
             Ok(()) => Ok(Upgraded {
                 pid,
-                channel: reader.into_inner(),
-                _child: child,
+                channel,
+                _child: guard.disarm(),
             }),
             Err(err) => {
-                // kill() also reaps; for a child that already exited it is a no-op.
-                let _ = child.kill().await;
+                guard.kill().await;
                 Err(err)
             }
         }
     }
 }
 
-fn parse_report(pid: u32, line: &str) -> Result<(), UpgradeError> {
-    match line.split_once(' ') {
-        Some(("ready", _)) => Ok(()),
-        Some(("error", reason)) => Err(UpgradeError::ChildFailed {
-            pid,
-            reason: reason.to_owned(),
-        }),
-        _ => Err(UpgradeError::ChildFailed {
-            pid,
-            reason: format!("unexpected report {line:?}"),
-        }),
+fn read_report(pid: u32, msg: Msg<Report>) -> Result<(), UpgradeError> {
+    match msg.body {
+        Report::Ready { .. } => Ok(()),
+        Report::Failed { reason } => Err(UpgradeError::ChildFailed { pid, reason }),
     }
 }
 
@@ -255,115 +370,36 @@ fn exited(pid: u32, status: std::io::Result<ExitStatus>) -> UpgradeError {
 
 /// The child's side of the channel to the parent that is waiting for it.
 #[derive(Debug)]
-pub struct ReadyChannel(StdUnixStream);
+pub(crate) struct ReadyChannel(StdUnixStream);
 
 impl ReadyChannel {
     /// Wraps the inherited channel.
-    pub fn new(stream: StdUnixStream) -> Self {
+    pub(crate) fn new(stream: StdUnixStream) -> Self {
         ReadyChannel(stream)
     }
 
     /// Tells the parent this process serves; returns the channel on which the parent
     /// sends what happens afterwards (a forwarded restart, its drain's progress).
-    pub async fn ready(self) -> std::io::Result<Channel> {
-        let mut stream = self.0;
-        writeln!(stream, "ready {}", std::process::id())?;
+    pub(crate) async fn ready(self) -> Result<Channel, WireError> {
+        let stream = self.0;
         stream.set_nonblocking(true)?;
-        Ok(Channel::new(UnixStream::from_std(stream)?))
+        let mut channel = Wire::new(UnixStream::from_std(stream)?);
+        let pid = std::process::id();
+        channel.send(&Msg::new(Report::Ready { pid })).await?;
+        Ok(channel)
     }
 
-    /// Tells the parent why this process could not start.
-    pub fn fail(mut self, reason: &str) {
-        let one_line = reason.replace('\n', " ");
-        // The parent may be gone already; nothing else to tell then.
-        let _ = writeln!(self.0, "error {one_line}");
-    }
-}
-
-/// A line the old process sends the new one after the handover.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FromParent {
-    /// A restart request that arrived during the upgrade.
-    Restart,
-    /// An older generation is still draining with this many connections open.
-    Draining {
-        /// Its pid.
-        pid: u32,
-        /// Its open connections.
-        connections: usize,
-    },
-    /// An older generation finished draining.
-    Drained {
-        /// Its pid.
-        pid: u32,
-    },
-}
-
-impl FromParent {
-    /// The wire form, one line.
-    pub fn line(&self) -> String {
-        match self {
-            FromParent::Restart => "restart\n".to_owned(),
-            FromParent::Draining { pid, connections } => format!("draining {pid} {connections}\n"),
-            FromParent::Drained { pid } => format!("drained {pid}\n"),
+    /// Tells the parent why this process could not start. Synchronous: it may run
+    /// before any runtime exists (a broken config).
+    pub(crate) fn fail(mut self, reason: &str) {
+        let msg = Msg::new(Report::Failed {
+            reason: reason.to_owned(),
+        });
+        if let Ok(mut line) = serde_json::to_string(&msg) {
+            line.push('\n');
+            // The parent may be gone already; nothing else to tell then.
+            let _ = self.0.write_all(line.as_bytes());
         }
-    }
-
-    fn parse(line: &str) -> Option<FromParent> {
-        let mut words = line.split_whitespace();
-        let msg = match (words.next()?, words.next(), words.next()) {
-            ("restart", None, None) => FromParent::Restart,
-            ("draining", Some(pid), Some(n)) => FromParent::Draining {
-                pid: pid.parse().ok()?,
-                connections: n.parse().ok()?,
-            },
-            ("drained", Some(pid), None) => FromParent::Drained {
-                pid: pid.parse().ok()?,
-            },
-            _ => return None,
-        };
-        Some(msg)
-    }
-}
-
-/// The channel between two generations after the handover, read as lines. Reading is
-/// cancellation-safe (a partly read line waits in `pending`), so it can sit in a
-/// `select!` with other events without losing a message.
-#[derive(Debug)]
-pub struct Channel {
-    stream: BufReader<UnixStream>,
-    pending: Vec<u8>,
-}
-
-impl Channel {
-    /// Wraps one end of the handover channel.
-    pub fn new(stream: UnixStream) -> Self {
-        Channel {
-            stream: BufReader::new(stream),
-            pending: Vec::new(),
-        }
-    }
-
-    /// The next message from the old process; `None` once it has gone. Unknown lines
-    /// are skipped.
-    pub async fn next(&mut self) -> Option<FromParent> {
-        loop {
-            match self.stream.read_until(b'\n', &mut self.pending).await {
-                Ok(n) if n > 0 && self.pending.ends_with(b"\n") => {
-                    let line = String::from_utf8_lossy(&self.pending).into_owned();
-                    self.pending.clear();
-                    if let Some(msg) = FromParent::parse(&line) {
-                        return Some(msg);
-                    }
-                }
-                _ => return None,
-            }
-        }
-    }
-
-    /// Sends one message.
-    pub async fn send(&mut self, msg: &FromParent) -> std::io::Result<()> {
-        self.stream.get_mut().write_all(msg.line().as_bytes()).await
     }
 }
 
@@ -372,27 +408,101 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parent_messages_round_trip() {
-        for msg in [
-            FromParent::Restart,
-            FromParent::Draining {
-                pid: 12,
-                connections: 3,
-            },
-            FromParent::Drained { pid: 12 },
-        ] {
-            assert_eq!(FromParent::parse(&msg.line()), Some(msg));
-        }
-        assert_eq!(FromParent::parse("draining x 1"), None);
+    fn the_wire_format_is_versioned_json() {
+        let ready = serde_json::to_string(&Msg::new(Report::Ready { pid: 5 })).unwrap();
+        assert_eq!(ready, r#"{"v":1,"msg":"ready","pid":5}"#);
+        let msg = Msg::new(FromParent::Draining {
+            pid: 12,
+            connections: 3,
+        });
+        let text = serde_json::to_string(&msg).unwrap();
+        assert_eq!(text, r#"{"v":1,"msg":"draining","pid":12,"connections":3}"#);
+        assert_eq!(serde_json::from_str::<Msg<FromParent>>(&text).unwrap(), msg);
     }
 
-    #[test]
-    fn child_reports_parse() {
-        assert!(parse_report(5, "ready 5").is_ok());
-        let err = parse_report(5, "error plugin /x.so was built for ABI 2").unwrap_err();
+    #[tokio::test]
+    async fn unknown_messages_are_skipped_and_a_closed_channel_ends() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut parent = Wire::new(a);
+        let mut child: Channel = Wire::new(b);
+        parent
+            .send(&serde_json::json!({"v": 1, "msg": "from_the_future"}))
+            .await
+            .unwrap();
+        parent
+            .send(&serde_json::json!({"v": 2, "msg": "restart"}))
+            .await
+            .unwrap();
+        parent.send(&Msg::new(FromParent::Restart)).await.unwrap();
+        drop(parent);
+        assert_eq!(
+            next_from_parent(&mut child).await,
+            Some(FromParent::Restart)
+        );
+        assert_eq!(next_from_parent(&mut child).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_the_upgrade_task_kills_the_child() {
+        let dir = tempfile::tempdir().unwrap();
+        let launch = Launch {
+            exe: PathBuf::from("/bin/sleep"),
+            args: vec!["60".into()],
+            cwd: dir.path().to_owned(),
+        };
+        let handover = Handover::new(launch, &[], None, 2, Duration::from_secs(60)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let task = tokio::spawn(handover.run(
+            move |pid| {
+                tx.send(pid).unwrap();
+                panic!("a bug in the upgrade task");
+            },
+            CancellationToken::new(),
+        ));
+        assert!(task.await.unwrap_err().is_panic());
+        let pid = rx.recv().unwrap();
+        let start = std::time::Instant::now();
+        while alive(pid) {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{pid} still runs"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_file_that_is_not_an_executable_fails_with_its_errno_and_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("gem");
+        std::fs::write(&exe, [0x13, 0x37, 0xde, 0xad, 0xbe, 0xef]).unwrap();
+        std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let launch = Launch {
+            exe: exe.clone(),
+            args: Vec::new(),
+            cwd: dir.path().to_owned(),
+        };
+        let handover = Handover::new(launch, &[], None, 2, Duration::from_secs(5)).unwrap();
+        let err = handover
+            .run(|_| {}, CancellationToken::new())
+            .await
+            .unwrap_err();
         assert_eq!(
             err.to_string(),
-            "new process 5 failed to start: plugin /x.so was built for ABI 2"
+            format!(
+                "could not start {}: Exec format error (os error 8)",
+                exe.display()
+            )
         );
+    }
+
+    /// Exists and is not a zombie.
+    fn alive(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            !stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
     }
 }
