@@ -1,5 +1,6 @@
 //! Loads a handler `.so`: reads a private copy into a sealed memfd, dlopens that, checks
-//! the ABI handshake before touching anything else, and calls the plugin panic-safely.
+//! the ABI handshake before touching anything else (refusing a plugin whose panics
+//! would abort instead of unwind), and calls the plugin panic-safely.
 #![allow(unsafe_code)]
 
 use std::os::fd::AsRawFd;
@@ -7,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use gem_plugin::abi::{
-    ABI_VERSION, ABI_VERSION_SYMBOL, ENTRY_SYMBOL, PluginDescriptor, RawHeader, RawRequest,
-    RawResponse, RawStr,
+    ABI_VERSION, ABI_VERSION_SYMBOL, ENTRY_SYMBOL, PANIC_ABORT, PANIC_UNWIND, PluginDescriptor,
+    RawHeader, RawRequest, RawResponse, RawStr,
 };
 use libloading::Library;
 use sha2::{Digest, Sha256};
@@ -60,6 +61,29 @@ pub enum PluginError {
         plugin: u32,
         /// This host's ABI.
         host: u32,
+    },
+    /// Built against another gem-plugin, whose descriptor has another layout.
+    #[error(
+        "plugin {} was built against another version of the gem-plugin SDK: its descriptor is {plugin} bytes, this gem expects {host}; rebuild it against this gem's gem-plugin",
+        path.display()
+    )]
+    DescriptorSize {
+        /// The plugin file.
+        path: PathBuf,
+        /// The descriptor size the plugin reports.
+        plugin: u32,
+        /// `size_of::<PluginDescriptor>()` in this host.
+        host: u32,
+    },
+    /// Built with `panic = "abort"`: the SDK's `catch_unwind` cannot stop its panics, so
+    /// the first one would kill the server.
+    #[error(
+        "plugin {} was built with panic = \"abort\": a panic in it would kill the server, because gem can only catch panics that unwind; build it with panic = \"unwind\" (the default)",
+        path.display()
+    )]
+    PanicAbort {
+        /// The plugin file.
+        path: PathBuf,
     },
     /// The descriptor is malformed.
     #[error("plugin {} has a bad descriptor: {reason}", path.display())]
@@ -239,20 +263,55 @@ fn handshake(
             .map_err(|_| bad(&format!("the `{ENTRY_SYMBOL}` symbol is missing")))?;
     // SAFETY: as above; the entry point only returns a pointer to a static.
     let descriptor = unsafe { entry() };
+    // SAFETY: the entry point of an ABI 1 library returns null or a static of the
+    // never-unloaded library.
+    unsafe { check_descriptor(path, descriptor) }
+}
+
+/// Checks the descriptor an entry point returned: its ABI and size first (reading only
+/// the two leading fields until the layout is known to match), then the panic strategy.
+///
+/// # Safety
+///
+/// `descriptor` is null or points to a static (never freed) value at least 8 bytes
+/// long whose first two `u32`s are `abi_version` and `struct_size`, followed by
+/// `struct_size - 8` more bytes.
+unsafe fn check_descriptor(
+    path: &Path,
+    descriptor: *const PluginDescriptor,
+) -> Result<&'static PluginDescriptor, PluginError> {
+    let bad = |reason: String| PluginError::BadDescriptor {
+        path: path.to_owned(),
+        reason,
+    };
     if descriptor.is_null() {
-        return Err(bad("the entry point returned null"));
+        return Err(bad("the entry point returned null".into()));
     }
     let size = u32::try_from(std::mem::size_of::<PluginDescriptor>()).unwrap_or(u32::MAX);
-    // SAFETY: non-null, and a static of the never-unloaded library. Only the two
-    // leading u32 fields are read before the size is known to match.
+    // SAFETY: non-null and static (the caller's contract). Only the two leading u32
+    // fields are read before the size is known to match.
     let (abi, struct_size) = unsafe { ((*descriptor).abi_version, (*descriptor).struct_size) };
-    if abi != ABI_VERSION || struct_size != size {
-        return Err(bad(&format!(
-            "it says ABI {abi} with a {struct_size}-byte descriptor; expected ABI {ABI_VERSION}, {size} bytes"
+    if abi != ABI_VERSION {
+        return Err(bad(format!(
+            "it says ABI {abi}, but its `{ENTRY_SYMBOL}` symbol is for ABI {ABI_VERSION}"
         )));
     }
+    if struct_size != size {
+        return Err(PluginError::DescriptorSize {
+            path: path.to_owned(),
+            plugin: struct_size,
+            host: size,
+        });
+    }
     // SAFETY: checked above: the layout matches this host's, and it lives forever.
-    Ok(unsafe { &*descriptor })
+    let descriptor = unsafe { &*descriptor };
+    match descriptor.panic_strategy {
+        PANIC_UNWIND => Ok(descriptor),
+        PANIC_ABORT => Err(PluginError::PanicAbort {
+            path: path.to_owned(),
+        }),
+        other => Err(bad(format!("its panic strategy {other} is unknown"))),
+    }
 }
 
 impl Handler for LoadedPlugin {
@@ -437,5 +496,92 @@ mod tests {
         let err = LoadedPlugin::load(&v2).unwrap_err().to_string();
         assert!(err.contains(&v2.display().to_string()), "{err}");
         assert!(err.contains("ABI 2, but this gem speaks ABI 1"), "{err}");
+    }
+
+    unsafe extern "C" fn no_init() -> RawStr {
+        unreachable!("a refused descriptor is never initialised")
+    }
+    unsafe extern "C" fn no_handle(_: *const RawRequest, _: *mut RawResponse) {}
+    unsafe extern "C" fn no_free(_: *mut RawResponse) {}
+
+    /// A descriptor as `export_plugin!` would make it, with the given panic strategy.
+    const fn descriptor(panic_strategy: u32) -> PluginDescriptor {
+        PluginDescriptor {
+            abi_version: ABI_VERSION,
+            struct_size: size_of::<PluginDescriptor>() as u32,
+            name: RawStr::from_bytes(b"fake"),
+            version: RawStr::from_bytes(b"0.0.0"),
+            init: no_init,
+            handle: no_handle,
+            free_response: no_free,
+            on_signal: None,
+            panic_strategy,
+        }
+    }
+
+    #[test]
+    fn a_plugin_whose_panics_abort_is_refused_by_name() {
+        static UNWIND: PluginDescriptor = descriptor(PANIC_UNWIND);
+        static ABORT: PluginDescriptor = descriptor(PANIC_ABORT);
+        static UNKNOWN: PluginDescriptor = descriptor(7);
+        let path = Path::new("/x/handler.so");
+        // SAFETY: pointers to statics of the full layout.
+        let check = |d: &'static PluginDescriptor| unsafe { check_descriptor(path, d) };
+
+        assert!(check(&UNWIND).is_ok());
+        let err = check(&ABORT).unwrap_err();
+        assert!(matches!(err, PluginError::PanicAbort { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "plugin /x/handler.so was built with panic = \"abort\": a panic in it would kill \
+             the server, because gem can only catch panics that unwind; build it with \
+             panic = \"unwind\" (the default)"
+        );
+        let err = check(&UNKNOWN).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "plugin /x/handler.so has a bad descriptor: its panic strategy 7 is unknown"
+        );
+    }
+
+    #[test]
+    fn a_plugin_built_against_the_old_sdk_is_told_to_rebuild() {
+        /// The descriptor of the SDK before `panic_strategy` existed.
+        #[repr(C)]
+        struct OldDescriptor {
+            abi_version: u32,
+            struct_size: u32,
+            name: RawStr,
+            version: RawStr,
+            init: unsafe extern "C" fn() -> RawStr,
+            handle: unsafe extern "C" fn(*const RawRequest, *mut RawResponse),
+            free_response: unsafe extern "C" fn(*mut RawResponse),
+            on_signal: Option<unsafe extern "C" fn(i32)>,
+        }
+        // SAFETY: only read through its two leading u32 fields, as the layout says.
+        unsafe impl Sync for OldDescriptor {}
+        static OLD: OldDescriptor = OldDescriptor {
+            abi_version: ABI_VERSION,
+            struct_size: size_of::<OldDescriptor>() as u32,
+            name: RawStr::EMPTY,
+            version: RawStr::EMPTY,
+            init: no_init,
+            handle: no_handle,
+            free_response: no_free,
+            on_signal: None,
+        };
+        let path = Path::new("/x/old.so");
+        // SAFETY: a static whose leading fields and `struct_size` tell the truth.
+        let err = unsafe { check_descriptor(path, (&raw const OLD).cast()) }.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "plugin /x/old.so was built against another version of the gem-plugin SDK: \
+                 its descriptor is {} bytes, this gem expects {}; rebuild it against this \
+                 gem's gem-plugin",
+                size_of::<OldDescriptor>(),
+                size_of::<PluginDescriptor>()
+            )
+        );
     }
 }

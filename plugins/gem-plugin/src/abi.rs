@@ -9,8 +9,13 @@
 //! 2. Only if that matches [`ABI_VERSION`] does the host resolve [`ENTRY_SYMBOL`]
 //!    (`gem_plugin_entry_v1`, an `extern "C" fn() -> *const PluginDescriptor`), whose
 //!    name carries the ABI major version, and checks the descriptor's own
-//!    `abi_version` and `struct_size`.
-//! 3. The host calls `init` once, then `handle` for every request from many threads.
+//!    `abi_version` and `struct_size`. A plugin built against an older or newer
+//!    gem-plugin whose descriptor has another size is refused, asking for a rebuild
+//!    against the host's gem-plugin.
+//! 4. The host checks [`PluginDescriptor::panic_strategy`] and refuses a plugin that
+//!    was not built with `panic = "unwind"` (see [Panics](#panics)), before any of its
+//!    functions runs.
+//! 5. The host calls `init` once, then `handle` for every request from many threads.
 //!
 //! # Memory
 //!
@@ -22,6 +27,19 @@
 //!
 //! No panic crosses the boundary: the SDK's `export_plugin!` macro wraps every exported
 //! function in `catch_unwind` and reports a panic as an error value instead.
+//!
+//! That only works when panics unwind. In a plugin built with `panic = "abort"` (in a
+//! Cargo profile, or `-C panic=abort`) the first panic aborts the whole process, i.e.
+//! the server, before `catch_unwind` sees it. So the macro records the plugin's panic
+//! strategy in the descriptor, and the host refuses any strategy but
+//! [`PANIC_UNWIND`] at load time: at start, at `gem check`, or as a failed upgrade
+//! while the old process keeps serving.
+//!
+//! The strategy is `cfg!(panic = ..)` as the crate that calls `export_plugin!` was
+//! compiled. That crate is the cdylib itself, and rustc compiles the final crate with
+//! the strategy its panic runtime is linked with, also when only it gets
+//! `-C panic=abort` (as `cargo rustc -- -C panic=abort` does). Call the macro in the
+//! cdylib crate, not in a library it depends on, so the record is exact.
 
 use std::ffi::c_void;
 
@@ -34,6 +52,14 @@ pub const ABI_VERSION_SYMBOL: &str = "gem_plugin_abi_version";
 
 /// `extern "C" fn() -> *const PluginDescriptor`: the entry point for ABI major 1.
 pub const ENTRY_SYMBOL: &str = "gem_plugin_entry_v1";
+
+/// [`PluginDescriptor::panic_strategy`]: panics unwind, so the SDK catches them. The
+/// only strategy the host accepts.
+pub const PANIC_UNWIND: u32 = 1;
+
+/// [`PluginDescriptor::panic_strategy`]: panics abort the process (`panic = "abort"`, or
+/// any other strategy that does not unwind). Refused by the host.
+pub const PANIC_ABORT: u32 = 2;
 
 /// A borrowed run of bytes (often UTF-8). `ptr` may be null only when `len` is 0.
 #[repr(C)]
@@ -111,6 +137,10 @@ pub struct PluginDescriptor {
     pub free_response: unsafe extern "C" fn(resp: *mut RawResponse),
     /// Optional hook for the `plugin` signal action; receives the signal number.
     pub on_signal: Option<unsafe extern "C" fn(signo: i32)>,
+    /// How the plugin was compiled to handle panics: [`PANIC_UNWIND`] or
+    /// [`PANIC_ABORT`]. The SDK's `catch_unwind` protects the server only from panics
+    /// that unwind, so the host refuses anything but [`PANIC_UNWIND`].
+    pub panic_strategy: u32,
 }
 
 // SAFETY: a descriptor only holds pointers to immutable statics and functions that the

@@ -202,7 +202,9 @@ pub fn on_signal<T: Plugin>(cell: &'static OnceLock<T>, signo: i32) {
 
 /// Exports `$plugin` (a type implementing [`Plugin`](crate::Plugin)) as a gem handler:
 /// the `gem_plugin_abi_version` and `gem_plugin_entry_v1` symbols and the descriptor
-/// behind them. Call it once per cdylib.
+/// behind them. Call it once per cdylib, in the cdylib crate itself: the descriptor
+/// records the panic strategy of the crate the macro expands in, and gem refuses a
+/// plugin built with `panic = "abort"` (see [`abi`](crate::abi#panics)).
 #[macro_export]
 macro_rules! export_plugin {
     ($plugin:ty) => {
@@ -244,6 +246,13 @@ macro_rules! export_plugin {
                 } else {
                     None
                 },
+                // Expanded, hence evaluated, in the crate that calls the macro: the
+                // plugin's own strategy, not the SDK's.
+                panic_strategy: if ::std::cfg!(panic = "unwind") {
+                    $crate::abi::PANIC_UNWIND
+                } else {
+                    $crate::abi::PANIC_ABORT
+                },
             };
 
             #[allow(unsafe_code)]
@@ -265,7 +274,7 @@ macro_rules! export_plugin {
 #[allow(unsafe_code)]
 mod tests {
     use super::*;
-    use crate::abi::{ABI_VERSION, PluginDescriptor};
+    use crate::abi::{ABI_VERSION, PANIC_UNWIND, PluginDescriptor};
 
     struct Probe;
 
@@ -351,6 +360,8 @@ mod tests {
         let (name, version) = unsafe { (d.name.as_bytes(), d.version.as_bytes()) };
         assert_eq!((name, version), (&b"gem-plugin"[..], &b"0.1.0"[..]));
         assert!(d.on_signal.is_some());
+        // These tests catch panics, so they run with panic = "unwind".
+        assert_eq!(d.panic_strategy, PANIC_UNWIND);
 
         // SAFETY: `init` takes no input; its empty answer means success.
         assert_eq!(unsafe { (d.init)() }.len, 0);

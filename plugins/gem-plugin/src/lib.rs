@@ -17,7 +17,9 @@
 //! gem_plugin::export_plugin!(Hello);
 //! ```
 //!
-//! Build it as a `cdylib`. The SDK has no dependencies: no tokio, no hyper.
+//! Build it as a `cdylib`, with the default `panic = "unwind"`: gem refuses a plugin
+//! built with `panic = "abort"`, whose first panic would kill the server (see
+//! [`abi`](crate::abi#panics)). The SDK has no dependencies: no tokio, no hyper.
 
 #[doc(hidden)]
 #[path = "export.rs"]
