@@ -120,10 +120,23 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            error!("{err:#}");
+            error!("{}", chain(&err));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes in one line. gem's own errors already name their cause in
+/// their message; a cause is added only where it says something new.
+fn chain(err: &anyhow::Error) -> String {
+    let mut text = err.to_string();
+    for cause in err.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text = format!("{text}: {cause}");
+        }
+    }
+    text
 }
 
 impl ConfigArgs {
