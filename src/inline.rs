@@ -35,6 +35,23 @@ use std::time::Duration;
 use tokio::runtime::{Handle, RuntimeFlavor};
 use tracing::warn;
 
+/// The multi-thread runtime gem serves on, as `gem serve` builds it. Embedders who
+/// want the same throughput build theirs with this too.
+///
+/// A worker runs its next-task slot before its own queue, except when it checks the
+/// shared queue first; tokio's self-tuned interval does that every other task once
+/// handlers take 100 µs. A fixed, rarer check makes it less likely that a connection in
+/// that slot waits behind a handler running inline. (`examples/hyper_hello.rs`, the
+/// benchmark ceiling, matches it.) After [`crate::Server::run`] returns, shut the
+/// runtime down with a short `shutdown_timeout`: a handler still blocked after the
+/// drain cut its connection must not hold the exit.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .global_queue_interval(61)
+        .build()
+}
+
 /// How often the watchdog looks, and so about how long I/O can wait behind a slow
 /// inline call while every other worker sleeps.
 const TICK: Duration = Duration::from_millis(1);

@@ -45,6 +45,7 @@ pub use error::Error;
 pub use generation::Exit;
 pub use handler::{Handler, Request, Response};
 pub use handover::{FdError, claim_handover};
+pub use inline::runtime;
 pub use lifecycle::Phase;
 pub use plugin::PluginError;
 pub use signals::{Action, Signal, SignalRegistry};

@@ -173,16 +173,7 @@ fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     for var in Config::unknown_env_vars() {
         warn!("ignoring environment variable {var}: not a gem setting");
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        // A worker runs its next-task slot before its own queue, except when it checks
-        // the shared queue first; tokio's self-tuned interval does that every other
-        // task once handlers take 100 µs. A fixed, rarer check makes it less likely that
-        // a connection in that slot waits behind a handler running inline
-        // (src/inline.rs). examples/hyper_hello.rs, the benchmark ceiling, matches it.
-        .global_queue_interval(61)
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = gem::runtime().context("starting the async runtime")?;
     let exit = runtime.block_on(Server::from_config(config).run());
     // A handler still blocked after the drain (cut at wait_timeout) must not hold the
     // exit; its connection is already gone.

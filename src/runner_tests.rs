@@ -79,7 +79,7 @@ impl Spawner for FakeSpawner {
         Box::pin(async move {
             tokio::select! {
                 outcome = rx => match outcome {
-                    Ok(Ok(())) => Ok(Upgraded::new(pid, ours, None)),
+                    Ok(Ok(())) => Ok(Upgraded::new(pid, Wire::new(ours), None)),
                     Ok(Err(err)) => Err(err),
                     Err(_) => Err(UpgradeError::Task("the test dropped it".into())),
                 },

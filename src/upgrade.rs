@@ -208,10 +208,10 @@ pub(crate) struct Upgraded {
 
 impl Upgraded {
     /// A new generation that serves, reachable on `channel`.
-    pub(crate) fn new(pid: u32, channel: UnixStream, child: Option<Child>) -> Self {
+    pub(crate) fn new(pid: u32, channel: Channel, child: Option<Child>) -> Self {
         Upgraded {
             pid,
-            channel: Wire::new(channel),
+            channel,
             _child: child,
         }
     }
@@ -338,11 +338,7 @@ impl Handover {
             () = cancel.cancelled() => Err(UpgradeError::Cancelled { pid }),
         };
         match outcome {
-            Ok(()) => Ok(Upgraded {
-                pid,
-                channel,
-                _child: guard.disarm(),
-            }),
+            Ok(()) => Ok(Upgraded::new(pid, channel, guard.disarm())),
             Err(err) => {
                 guard.kill().await;
                 Err(err)
