@@ -112,7 +112,8 @@ impl Builder {
 ///
 /// ```
 /// use gem::{Action, Exit, Response, Server, ServerConfig, Signal};
-/// ///
+/// use std::time::Duration;
+///
 /// # #[tokio::main] async fn main() -> Result<(), gem::Error> {
 /// let server = Server::builder()
 ///     .listen("127.0.0.1:0")

@@ -113,7 +113,7 @@ pub struct Config {
     #[serde(deserialize_with = "format::relative_path_opt")]
     pub control_socket: Option<PathBuf>,
     /// Per-request limits: top-level keys too. Read by a second extraction (see
-    /// [`Config::extract`]), so that their errors keep their key.
+    /// `Config::extract`), so that their errors keep their key.
     #[serde(flatten, skip_deserializing)]
     pub limits: Limits,
     /// What each signal does.
