@@ -3,11 +3,10 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_util::Stream;
 
-use crate::config::{Config, ListenAddr};
+use crate::config::{Config, ListenAddr, ServerConfig};
 use crate::error::Error;
 use crate::generation::{Exit, HandlerSource, start};
 use crate::handler::{FnHandler, Request, Response};
@@ -16,43 +15,6 @@ use crate::lifecycle::Phase;
 use crate::runner::ProcessSpawner;
 use crate::signals::{Action, Signal, os_signals};
 use crate::upgrade::Launch;
-
-/// Tunables, as the Go original's `ServerConfig`: a zero field keeps the current value.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ServerConfig {
-    /// How long a drain may take before open connections are cut (default 15 s).
-    pub wait_timeout: Duration,
-    /// How long a new process has to report ready during a restart (default 30 s).
-    pub upgrade_timeout: Duration,
-    /// How long an idle keep-alive connection may linger once draining (default 500 ms).
-    pub idle_grace: Duration,
-    /// How long a client may take to send its request head (default 10 s).
-    pub header_read_timeout: Duration,
-    /// Largest request body in bytes; larger ones get 413 (default 1 MiB).
-    pub max_body_size: u64,
-    /// Largest request head in bytes (default 64 KiB).
-    pub max_header_size: usize,
-    /// Most headers in one request (default 100).
-    pub max_headers: usize,
-}
-
-impl Config {
-    /// Applies the non-zero fields of `sc`, as `LoadConfig` did.
-    pub fn apply(&mut self, sc: &ServerConfig) {
-        fn set<T: Default + PartialEq + Copy>(field: &mut T, value: T) {
-            if value != T::default() {
-                *field = value;
-            }
-        }
-        set(&mut self.wait_timeout, sc.wait_timeout);
-        set(&mut self.upgrade_timeout, sc.upgrade_timeout);
-        set(&mut self.idle_grace, sc.idle_grace);
-        set(&mut self.limits.header_read_timeout, sc.header_read_timeout);
-        set(&mut self.limits.max_body_size, sc.max_body_size);
-        set(&mut self.limits.max_header_size, sc.max_header_size);
-        set(&mut self.limits.max_headers, sc.max_headers);
-    }
-}
 
 /// Builds a [`Server`]. See [`Server::builder`].
 #[must_use]

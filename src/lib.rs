@@ -15,7 +15,7 @@
 //! - [`upgrade`]: restart: start the new process, wait for ready, roll back on failure.
 //! - `generation`: one generation: load the handler, open or adopt sockets, serve, drain.
 //! - `lifecycle`: one process's event loop: signals and commands to actions, upgrades.
-//! - `builder`: the library API: [`Server::builder`], [`ServerConfig`].
+//! - `builder`: the library API: [`Server::builder`] (tuned with [`ServerConfig`]).
 //! - [`error`]: the library's [`Error`].
 
 mod builder;
@@ -39,8 +39,8 @@ pub mod signals;
 mod upgrade;
 mod wire;
 
-pub use builder::{Builder, Server, ServerConfig, check, report_startup_failure};
-pub use config::Config;
+pub use builder::{Builder, Server, check, report_startup_failure};
+pub use config::{Config, ServerConfig};
 pub use error::Error;
 pub use generation::Exit;
 pub use handler::{Handler, Request, Response};

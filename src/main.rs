@@ -9,8 +9,9 @@ mod client;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use gem::config::{Config, Overrides};
+use gem::config::Config;
 use gem::{Exit, Server};
+use serde::Serialize;
 use tracing::{error, info, warn};
 
 /// An HTTP server that is upgraded and stopped without failing a request.
@@ -63,47 +64,52 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     gem::config::parse_duration(text)
 }
 
-#[derive(Debug, Args)]
+// The config file, and the one setting every subcommand takes as a flag. (Plain
+// comments: a doc comment here would become clap help text.)
+#[derive(Debug, Args, Serialize)]
 struct ConfigArgs {
     /// Config file [default: ./gem.toml if it exists]. A named file must exist.
     #[arg(long, short = 'c', value_name = "FILE")]
+    #[serde(skip)]
     config: Option<PathBuf>,
     /// The control socket that gem reload / stop / status talk to [default: from the config].
     #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     control_socket: Option<PathBuf>,
 }
 
-#[derive(Debug, Args)]
+// The settings `gem serve` and `gem check` take as flags. Serialized, it is the top
+// config layer: a field's name is its config key, and an absent flag is left out.
+#[derive(Debug, Args, Serialize)]
 struct ServeArgs {
     #[command(flatten)]
+    #[serde(flatten)]
     config: ConfigArgs,
     /// Address to serve on (IP:PORT, [IPv6]:PORT or :PORT); repeat for several.
     #[arg(long, value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     listen: Vec<String>,
     /// The handler plugin .so.
     #[arg(long, value_name = "PATH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     handler: Option<PathBuf>,
     /// Longest a drain may take before open connections are cut, e.g. 15s or "1m 30s".
     #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     wait_timeout: Option<String>,
     /// Longest a new process may take to become ready during a restart.
     #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     upgrade_timeout: Option<String>,
     /// Where the serving process writes its pid.
     #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pid_file: Option<PathBuf>,
 }
 
 impl ServeArgs {
-    fn overrides(&self) -> Overrides {
-        Overrides {
-            listen: self.listen.clone(),
-            handler: self.handler.clone(),
-            wait_timeout: self.wait_timeout.clone(),
-            upgrade_timeout: self.upgrade_timeout.clone(),
-            pid_file: self.pid_file.clone(),
-            control_socket: self.config.control_socket.clone(),
-        }
+    fn load(&self) -> Result<Config, gem::config::ConfigError> {
+        Config::load(self.config.config.as_deref(), self)
     }
 }
 
@@ -141,11 +147,7 @@ fn chain(err: &anyhow::Error) -> String {
 
 impl ConfigArgs {
     fn load(&self) -> anyhow::Result<Config> {
-        let overrides = Overrides {
-            control_socket: self.control_socket.clone(),
-            ..Overrides::default()
-        };
-        Ok(Config::load(self.config.as_deref(), &overrides)?)
+        Ok(Config::load(self.config.as_deref(), self)?)
     }
 }
 
@@ -163,7 +165,7 @@ fn init_logging() {
 fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     // While this process has one thread, so the handover variables can be removed.
     gem::claim_handover();
-    let config = match Config::load(args.config.config.as_deref(), &args.overrides()) {
+    let config = match args.load() {
         Ok(config) => config,
         Err(err) => {
             gem::report_startup_failure(&err.to_string());
@@ -191,7 +193,7 @@ fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn check(args: &ServeArgs) -> anyhow::Result<ExitCode> {
-    let config = Config::load(args.config.config.as_deref(), &args.overrides())?;
+    let config = args.load()?;
     let handler = gem::check(&config)?;
     print!("{}", config.describe(&handler));
     Ok(ExitCode::SUCCESS)

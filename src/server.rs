@@ -19,15 +19,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, warn};
 
-use crate::config::Limits;
+use crate::config::{HYPER_MAX_HEADERS, Limits};
 use crate::drain::DrainSignal;
 use crate::handler::{Handler, HandlerError, Request, Response};
 use crate::inline::Runner;
 
 type Body = Full<Bytes>;
-
-/// hyper's own HTTP/1 header-count limit, and gem's default `max_headers`.
-pub(crate) const HYPER_MAX_HEADERS: usize = 100;
 
 /// Everything a connection task needs, shared by all connections of a generation
 /// (one reference count per request, not one per field).
