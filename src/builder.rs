@@ -235,9 +235,9 @@ pub fn check(config: &Config) -> Result<crate::handler::HandlerInfo, Error> {
 /// For a process started by an upgrade that fails before it can build a [`Server`]
 /// (a broken config): tells the waiting parent why.
 pub fn report_startup_failure(reason: &str) {
-    if let Ok(inherited) = take_inherited() {
-        if let Some(ready) = inherited.ready {
-            crate::upgrade::ReadyChannel::new(ready).fail(reason);
-        }
+    if let Ok(inherited) = take_inherited()
+        && let Some(ready) = inherited.ready
+    {
+        crate::upgrade::ReadyChannel::new(ready).fail(reason);
     }
 }

@@ -152,10 +152,11 @@ impl Runner {
         let number = state.started.fetch_add(1, Ordering::SeqCst) + 1;
         free.compare_exchange(0, number, Ordering::Acquire, Ordering::Relaxed)
             .ok()?;
-        if state.asleep.load(Ordering::SeqCst) && state.asleep.swap(false, Ordering::SeqCst) {
-            if let Some(watchdog) = &self.watchdog {
-                watchdog.unpark();
-            }
+        if state.asleep.load(Ordering::SeqCst)
+            && state.asleep.swap(false, Ordering::SeqCst)
+            && let Some(watchdog) = &self.watchdog
+        {
+            watchdog.unpark();
         }
         Some(Slot(free))
     }

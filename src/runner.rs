@@ -231,10 +231,10 @@ async fn forward_restart(upgraded: Option<&mut Upgraded>) {
 }
 
 fn restore_pid_file(generation: &Generation) {
-    if let Some(path) = &generation.config.pid_file {
-        if let Err(e) = write_pid_file(path, generation.pid) {
-            warn!("[{}] {e}", generation.pid);
-        }
+    if let Some(path) = &generation.config.pid_file
+        && let Err(e) = write_pid_file(path, generation.pid)
+    {
+        warn!("[{}] {e}", generation.pid);
     }
 }
 

@@ -253,7 +253,7 @@ fn verdict(ok: bool, miss: impl FnOnce() -> String) -> String {
 }
 
 fn alternate(i: usize) -> &'static str {
-    if i % 2 == 0 { UPGRADED } else { HELLO }
+    if i.is_multiple_of(2) { UPGRADED } else { HELLO }
 }
 
 /// Runs `load` against `peer` for `duration` while restarting the peer every 0.5 s;

@@ -67,7 +67,10 @@ pub(super) mod size {
     {
         let n: u64 = (*n).try_into().unwrap_or(u64::MAX);
         const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
-        match UNITS.iter().find(|(unit, _)| n >= *unit && n % unit == 0) {
+        match UNITS
+            .iter()
+            .find(|(unit, _)| n >= *unit && n.is_multiple_of(*unit))
+        {
             Some((unit, name)) => s.collect_str(&format_args!("{} {name}", n / unit)),
             None => s.collect_str(&format_args!("{n} B")),
         }
