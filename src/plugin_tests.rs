@@ -1,0 +1,176 @@
+//! Unit tests of `plugin.rs`.
+use super::*;
+use std::sync::Once;
+
+/// The workspace's debug plugins, built once for these tests.
+fn built(name: &str) -> PathBuf {
+    static BUILD: Once = Once::new();
+    BUILD.call_once(|| {
+        let status = std::process::Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "-p",
+                "hello",
+                "-p",
+                "upgraded",
+                "-p",
+                "abi-v2",
+                "-p",
+                "slow-init",
+            ])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("cargo build");
+        assert!(status.success());
+    });
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    target.join("debug").join(format!("lib{name}.so"))
+}
+
+fn get(plugin: &LoadedPlugin, target: &str) -> Result<Response, HandlerError> {
+    plugin.handle(&Request::new("GET", target, vec![("host", b"x")], b""))
+}
+
+#[test]
+fn hello_answers_and_survives_its_own_panic() {
+    let plugin = LoadedPlugin::load(&built("hello")).unwrap();
+    let info = plugin.info();
+    assert_eq!((info.name.as_str(), info.abi), ("hello", Some(ABI_VERSION)));
+    assert_eq!(plugin.wait_for_sha256().map(|s| s.len()), Some(64));
+    assert_eq!(plugin.info().sha256, plugin.wait_for_sha256());
+    assert!(plugin.has_signal_hook());
+    assert_eq!(get(&plugin, "/").unwrap().body, b"Hello world.");
+    let err = get(&plugin, "/panic").unwrap_err();
+    assert!(
+        matches!(&err, HandlerError::Panicked(m) if m.contains("on purpose")),
+        "{err}"
+    );
+    assert_eq!(get(&plugin, "/").unwrap().status, 200);
+    let echo = plugin
+        .handle(&Request::new("POST", "/echo", Vec::new(), b"ping"))
+        .unwrap();
+    assert_eq!(echo.body, b"ping");
+}
+
+#[test]
+fn overwriting_the_file_in_place_does_not_touch_the_loaded_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let so = dir.path().join("handler.so");
+    std::fs::copy(built("hello"), &so).unwrap();
+    let plugin = LoadedPlugin::load(&so).unwrap();
+    std::fs::write(&so, b"garbage over the same inode").unwrap();
+    assert_eq!(get(&plugin, "/").unwrap().body, b"Hello world.");
+}
+
+#[test]
+fn bad_files_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.so");
+    std::fs::write(&garbage, b"not an ELF file").unwrap();
+    let err = LoadedPlugin::load(&garbage).unwrap_err().to_string();
+    assert!(
+        err.starts_with(&format!("cannot load plugin {}", garbage.display())),
+        "{err}"
+    );
+
+    let missing = dir.path().join("missing.so");
+    let err = LoadedPlugin::load(&missing).unwrap_err().to_string();
+    assert!(
+        err.starts_with(&format!("cannot read plugin {}", missing.display())),
+        "{err}"
+    );
+
+    let v2 = built("abi_v2");
+    let err = LoadedPlugin::load(&v2).unwrap_err().to_string();
+    assert!(err.contains(&v2.display().to_string()), "{err}");
+    assert!(err.contains("ABI 2, but this gem speaks ABI 1"), "{err}");
+}
+
+unsafe extern "C" fn no_init() -> RawStr {
+    unreachable!("a refused descriptor is never initialised")
+}
+unsafe extern "C" fn no_handle(_: *const RawRequest, _: *mut RawResponse) {}
+unsafe extern "C" fn no_free(_: *mut RawResponse) {}
+
+/// A descriptor as `export_plugin!` would make it, with the given panic strategy.
+const fn descriptor(panic_strategy: u32) -> PluginDescriptor {
+    PluginDescriptor {
+        abi_version: ABI_VERSION,
+        struct_size: size_of::<PluginDescriptor>() as u32,
+        name: RawStr::from_bytes(b"fake"),
+        version: RawStr::from_bytes(b"0.0.0"),
+        init: no_init,
+        handle: no_handle,
+        free_response: no_free,
+        on_signal: None,
+        panic_strategy,
+    }
+}
+
+#[test]
+fn a_plugin_whose_panics_abort_is_refused_by_name() {
+    static UNWIND: PluginDescriptor = descriptor(PANIC_UNWIND);
+    static ABORT: PluginDescriptor = descriptor(PANIC_ABORT);
+    static UNKNOWN: PluginDescriptor = descriptor(7);
+    let path = Path::new("/x/handler.so");
+    // SAFETY: pointers to statics of the full layout.
+    let check = |d: &'static PluginDescriptor| unsafe { check_descriptor(path, d) };
+
+    assert!(check(&UNWIND).is_ok());
+    let err = check(&ABORT).unwrap_err();
+    assert!(matches!(err, PluginError::PanicAbort { .. }), "{err}");
+    assert_eq!(
+        err.to_string(),
+        "plugin /x/handler.so was built with panic = \"abort\": a panic in it would kill \
+         the server, because gem can only catch panics that unwind; build it with \
+         panic = \"unwind\" (the default)"
+    );
+    let err = check(&UNKNOWN).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "plugin /x/handler.so has a bad descriptor: its panic strategy 7 is unknown"
+    );
+}
+
+#[test]
+fn a_plugin_built_against_the_old_sdk_is_told_to_rebuild() {
+    /// The descriptor of the SDK before `panic_strategy` existed.
+    #[repr(C)]
+    struct OldDescriptor {
+        abi_version: u32,
+        struct_size: u32,
+        name: RawStr,
+        version: RawStr,
+        init: unsafe extern "C" fn() -> RawStr,
+        handle: unsafe extern "C" fn(*const RawRequest, *mut RawResponse),
+        free_response: unsafe extern "C" fn(*mut RawResponse),
+        on_signal: Option<unsafe extern "C" fn(i32)>,
+    }
+    // SAFETY: only read through its two leading u32 fields, as the layout says.
+    unsafe impl Sync for OldDescriptor {}
+    static OLD: OldDescriptor = OldDescriptor {
+        abi_version: ABI_VERSION,
+        struct_size: size_of::<OldDescriptor>() as u32,
+        name: RawStr::EMPTY,
+        version: RawStr::EMPTY,
+        init: no_init,
+        handle: no_handle,
+        free_response: no_free,
+        on_signal: None,
+    };
+    let path = Path::new("/x/old.so");
+    // SAFETY: a static whose leading fields and `struct_size` tell the truth.
+    let err = unsafe { check_descriptor(path, (&raw const OLD).cast()) }.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "plugin /x/old.so was built against another version of the gem-plugin SDK: \
+             its descriptor is {} bytes, this gem expects {}; rebuild it against this \
+             gem's gem-plugin",
+            size_of::<OldDescriptor>(),
+            size_of::<PluginDescriptor>()
+        )
+    );
+}
