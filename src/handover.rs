@@ -4,7 +4,7 @@
 //!
 //! The parent names the fds in `GEM_HANDOVER_*` variables and ties them to the child's
 //! own pid (`GEM_HANDOVER_PID`, written by the child itself between fork and exec, see
-//! [`crate::exec`]), as systemd ties `LISTEN_FDS` to `LISTEN_PID`: a program that the
+//! `exec.rs`), as systemd ties `LISTEN_FDS` to `LISTEN_PID`: a program that the
 //! plugin starts inherits the environment but not the fds, and ignores the variables.
 //! They are also removed from the environment once read, when that is sound (this
 //! process has one thread, as in `gem serve`, which claims them first thing).

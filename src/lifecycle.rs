@@ -1,7 +1,7 @@
 //! The lifecycle of a serving process as a state machine: events go in (signals,
 //! control calls, upgrade outcomes, messages from the previous generation), actions
 //! come out (start an upgrade, call the plugin's hook, tell systemd, drain). It does no
-//! I/O itself, except answering control calls on their channels; [`crate::runner`]
+//! I/O itself, except answering control calls on their channels; the runner (`runner.rs`)
 //! carries out the actions.
 //!
 //! Upgrades run one at a time. A restart asked for while one runs is coalesced into one
