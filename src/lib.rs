@@ -4,19 +4,26 @@
 //!
 //! # Layout
 //!
+//! Public:
 //! - [`config`]: defaults < `gem.toml` < `GEM_*` env < flags, validated into [`Config`].
 //! - [`signals`]: [`Signal`], [`Action`] and the [`SignalRegistry`] with its fixed rules.
 //! - [`handler`]: the request-handler seam (in-process function or plugin).
-//! - [`plugin`]: loads a handler `.so`: private copy, dlopen, ABI handshake, panic-safe calls.
-//! - [`server`]: the accept loop and per-connection HTTP/1 + HTTP/2 serving.
-//! - [`drain`]: the drain state machine used by shutdown and by the old side of a restart.
-//! - [`fds`]: inherited and handed-over sockets (gem's own handover and systemd's).
 //! - [`control`]: the control socket: `reload`, `stop`, `status` with their outcome.
-//! - [`upgrade`]: restart: start the new process, wait for ready, roll back on failure.
-//! - `generation`: one generation: load the handler, open or adopt sockets, serve, drain.
-//! - `lifecycle`: one process's event loop: signals and commands to actions, upgrades.
-//! - `builder`: the library API: [`Server::builder`] (tuned with [`ServerConfig`]).
 //! - [`error`]: the library's [`Error`].
+//! - `builder`: the library API: [`Server::builder`], [`Server::run`], [`Server::phases`].
+//!
+//! Internal:
+//! - `lifecycle`: the lifecycle state machine: events in, actions out, the [`Phase`].
+//! - `runner`: the event loop that feeds it and carries out its actions.
+//! - `generation`: one generation: load the handler, open or adopt sockets, serve, drain.
+//! - `upgrade`: restart: start the new process, wait for ready, roll back on failure.
+//! - `handover` and `exec`: the fds handed between generations, and the exact `execve`.
+//! - `listeners`: an inherited socket or a freshly bound one for each address.
+//! - `server`, `accept`, `conns`, `drain`: serving connections, accepting under fd
+//!   exhaustion, the open-connection registry, the drain.
+//! - `plugin` and `inline`: loading a handler `.so`, and where a handler call runs.
+//! - `wire`: the framed JSON-lines protocol of the control socket and the handover.
+//! - `service`: the pid file and systemd notifications.
 
 mod builder;
 pub mod config;
