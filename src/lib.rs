@@ -10,8 +10,11 @@
 //! - [`plugin`]: loads a handler `.so`: private copy, dlopen, ABI handshake, panic-safe calls.
 //! - [`server`]: the accept loop and per-connection HTTP/1 + HTTP/2 serving.
 //! - [`drain`]: the drain state machine used by shutdown and by the old side of a restart.
+//! - [`conns`]: the open client connections, counted and cut from outside by a drain.
+//! - `accept`: what accept loops share: backing off when out of fds, bounded admission.
 //! - [`fds`]: inherited and handed-over sockets (gem's own handover and systemd's).
 //! - [`control`]: the control socket: `reload`, `stop`, `status` with their outcome.
+//! - `wire`: typed JSON messages, one per line, with a bounded line length.
 //! - [`upgrade`]: restart: start the new process, wait for ready, roll back on failure.
 //! - `generation`: one generation: load the handler, open or adopt sockets, serve, drain.
 //! - `lifecycle`: one process's event loop: signals and commands to actions, upgrades.
@@ -19,7 +22,9 @@
 //! - [`error`]: the library's [`Error`].
 
 mod builder;
+mod accept;
 pub mod config;
+pub mod conns;
 pub mod control;
 pub mod drain;
 pub mod error;
@@ -32,6 +37,7 @@ pub mod plugin;
 pub mod server;
 pub mod signals;
 pub mod upgrade;
+mod wire;
 
 pub use builder::{Builder, Server, ServerConfig, check, report_startup_failure};
 pub use config::Config;
