@@ -106,7 +106,10 @@ impl Backoff {
     fn recover(&mut self, now: Instant) -> Option<(u64, Duration)> {
         self.delay = FIRST_DELAY;
         let trouble = self.trouble.take()?;
-        Some((trouble.failures, now.saturating_duration_since(trouble.since)))
+        Some((
+            trouble.failures,
+            now.saturating_duration_since(trouble.since),
+        ))
     }
 }
 
@@ -242,7 +245,10 @@ mod tests {
         let mut second = admission.admit().unwrap();
         let mut third = admission.admit().expect("displaces a waiter");
         assert!(first.evicted.is_cancelled(), "the oldest waiter goes");
-        assert!(!first.start_work(), "an evicted connection cannot start work");
+        assert!(
+            !first.start_work(),
+            "an evicted connection cannot start work"
+        );
         assert!(!second.evicted.is_cancelled());
         drop(first);
         assert!(second.start_work() && third.start_work());

@@ -310,10 +310,7 @@ async fn answer(stream: UnixStream, mut slot: Slot, calls: mpsc::Sender<Call>) {
 
 /// Reads the request line within [`REQUEST_TIMEOUT`], unless a newer connection takes
 /// this one's place first. `None` if the client closed without asking anything.
-async fn read_request(
-    wire: &mut Wire<UnixStream>,
-    slot: &Slot,
-) -> Result<Option<Request>, String> {
+async fn read_request(wire: &mut Wire<UnixStream>, slot: &Slot) -> Result<Option<Request>, String> {
     let read = tokio::select! {
         () = slot.evicted() => return Err(TOO_MANY.into()),
         read = tokio::time::timeout(REQUEST_TIMEOUT, wire.recv::<Request>()) => read,
@@ -377,12 +374,13 @@ pub enum ClientError {
 /// Sends `cmd` to the gem at `path` and waits up to `timeout` for the reply.
 pub async fn call(path: &Path, cmd: Command, timeout: Duration) -> Result<Reply, ClientError> {
     let exchange = async {
-        let stream = UnixStream::connect(path)
-            .await
-            .map_err(|source| ClientError::Unreachable {
-                path: path.to_owned(),
-                source,
-            })?;
+        let stream =
+            UnixStream::connect(path)
+                .await
+                .map_err(|source| ClientError::Unreachable {
+                    path: path.to_owned(),
+                    source,
+                })?;
         let bad = |reason: String| ClientError::BadAnswer {
             path: path.to_owned(),
             reason,

@@ -21,8 +21,8 @@
 //! - `builder`: the library API: [`Server::builder`], [`ServerConfig`].
 //! - [`error`]: the library's [`Error`].
 
-mod builder;
 mod accept;
+mod builder;
 pub mod config;
 pub mod conns;
 pub mod control;

@@ -86,7 +86,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Wire<T> {
 impl Wire<UnixStream> {
     /// Wraps a blocking std socket (e.g. one inherited as an fd); must be called inside
     /// a tokio runtime.
-    #[allow(dead_code, reason = "for the upgrade channel, which adopts an inherited fd")]
+    #[allow(
+        dead_code,
+        reason = "for the upgrade channel, which adopts an inherited fd"
+    )]
     pub(crate) fn from_std(stream: StdUnixStream, max_line: usize) -> Result<Self, WireError> {
         stream.set_nonblocking(true)?;
         Ok(Wire::new(UnixStream::from_std(stream)?, max_line))
