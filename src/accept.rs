@@ -20,6 +20,9 @@ use tracing::{debug, info, warn};
 const FIRST_DELAY: Duration = Duration::from_millis(5);
 /// The longest pause: how late an accept loop may notice that fds are free again.
 const MAX_DELAY: Duration = Duration::from_secs(1);
+/// How long accepting must work before the trouble counts as over. At the limit, every
+/// fd that frees up lets one accept through; without this, each would log two lines.
+const QUIET: Duration = Duration::from_secs(1);
 
 /// Whether `err` concerns only the connection being accepted (the next accept may well
 /// succeed at once), rather than the process (out of fds, buffers or memory).
@@ -31,14 +34,16 @@ pub(crate) fn is_per_connection(err: &io::Error) -> bool {
     )
 }
 
-/// The backoff state of one accept loop.
+/// The backoff state of one accept loop. The loop calls [`Backoff::failed`] and
+/// [`Backoff::succeeded`] after each accept, and [`Backoff::settle`] once the instant
+/// [`Backoff::settles_at`] gave has passed.
 #[derive(Debug)]
 pub(crate) struct Backoff {
     /// What the loop accepts on, for the log lines.
     addr: String,
     /// The next pause.
     delay: Duration,
-    /// Set while accepting fails.
+    /// Set from the first failure until accepting has worked for [`QUIET`].
     trouble: Option<Trouble>,
 }
 
@@ -47,6 +52,8 @@ pub(crate) struct Backoff {
 struct Trouble {
     since: Instant,
     failures: u64,
+    /// When accepting last started to work again, if it has since the last failure.
+    working_since: Option<Instant>,
 }
 
 impl Backoff {
@@ -60,27 +67,41 @@ impl Backoff {
     }
 
     /// Handles a failed accept: a per-connection error is logged at debug and the loop
-    /// goes on at once; any other error pauses the loop, longer each time.
+    /// goes on at once; any other error pauses the loop, longer each time, and only the
+    /// first of a run is logged above debug.
     pub(crate) async fn failed(&mut self, err: &io::Error) {
         if is_per_connection(err) {
             debug!(cause = %err, "accept on {}: the connection failed first", self.addr);
             return;
         }
-        let pause = self.fail(Instant::now());
-        match self.trouble {
-            Some(Trouble { failures: 1, .. }) => warn!(
+        let (pause, first) = self.fail(Instant::now());
+        if first {
+            warn!(
                 "[{}] cannot accept on {}: {err}; backing off",
                 std::process::id(),
                 self.addr
-            ),
-            _ => debug!(cause = %err, "accept on {} failed again", self.addr),
+            );
+        } else {
+            debug!(cause = %err, "accept on {} failed again", self.addr);
         }
         tokio::time::sleep(pause).await;
     }
 
-    /// Notes a successful accept, logging the end of a run of failures.
+    /// Notes a successful accept.
     pub(crate) fn succeeded(&mut self) {
-        if let Some((failures, over)) = self.recover(Instant::now()) {
+        if let Some(trouble) = &mut self.trouble {
+            trouble.working_since.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// When the current trouble will count as over if no accept fails until then.
+    pub(crate) fn settles_at(&self) -> Option<Instant> {
+        Some(self.trouble?.working_since? + QUIET)
+    }
+
+    /// Ends the trouble, logging how long it lasted.
+    pub(crate) fn settle(&mut self) {
+        if let Some((failures, over)) = self.end() {
             info!(
                 "[{}] accepting on {} again after {failures} failed attempts over {:.1}s",
                 std::process::id(),
@@ -90,26 +111,40 @@ impl Backoff {
         }
     }
 
-    /// Counts a resource failure at `now`; returns how long to pause.
-    fn fail(&mut self, now: Instant) -> Duration {
+    /// Counts a resource failure at `now`: how long to pause, and whether it starts a
+    /// run.
+    fn fail(&mut self, now: Instant) -> (Duration, bool) {
+        let first = self.trouble.is_none();
         let trouble = self.trouble.get_or_insert(Trouble {
             since: now,
             failures: 0,
+            working_since: None,
         });
         trouble.failures += 1;
+        trouble.working_since = None;
         let pause = self.delay;
         self.delay = (self.delay * 2).min(MAX_DELAY);
-        pause
+        (pause, first)
     }
 
-    /// Ends a run of failures at `now`: how many there were and how long it lasted.
-    fn recover(&mut self, now: Instant) -> Option<(u64, Duration)> {
+    /// Ends a run of failures: how many there were, and how long until accepting worked.
+    fn end(&mut self) -> Option<(u64, Duration)> {
         self.delay = FIRST_DELAY;
         let trouble = self.trouble.take()?;
+        let until = trouble.working_since.unwrap_or(trouble.since);
         Some((
             trouble.failures,
-            now.saturating_duration_since(trouble.since),
+            until.saturating_duration_since(trouble.since),
         ))
+    }
+}
+
+/// Sleeps until `at`, or for ever if there is nothing to wait for: a `select!` branch
+/// for [`Backoff::settles_at`].
+pub(crate) async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -214,19 +249,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_doubles_to_a_ceiling_and_recovery_reports_the_run() {
+    fn backoff_doubles_to_a_ceiling_and_settles_only_after_a_quiet_spell() {
         let mut b = Backoff::new("127.0.0.1:1");
         let t0 = Instant::now();
-        assert_eq!(b.recover(t0), None, "no trouble, nothing to report");
-        let pauses: Vec<_> = (0..12).map(|_| b.fail(t0)).collect();
+        assert_eq!(b.settles_at(), None);
+        assert_eq!(b.end(), None, "no trouble, nothing to report");
+        let pauses: Vec<_> = (0..12).map(|_| b.fail(t0).0).collect();
         assert_eq!(pauses[0], FIRST_DELAY);
         assert_eq!(pauses[1], FIRST_DELAY * 2);
         assert_eq!(pauses[11], MAX_DELAY);
         assert!(pauses.windows(2).all(|w| w[0] <= w[1]));
-        let later = t0 + Duration::from_millis(3200);
-        assert_eq!(b.recover(later), Some((12, Duration::from_millis(3200))));
-        assert_eq!(b.fail(later), FIRST_DELAY, "a new run starts afresh");
-        assert_eq!(b.trouble.map(|t| (t.since, t.failures)), Some((later, 1)));
+        assert_eq!(b.settles_at(), None, "still failing");
+        let works = t0 + Duration::from_millis(3200);
+        b.trouble.as_mut().unwrap().working_since = Some(works);
+        assert_eq!(b.settles_at(), Some(works + QUIET));
+        // One more failure at the limit continues the run: no new "cannot accept".
+        assert_eq!(b.fail(works + QUIET / 2), (MAX_DELAY, false));
+        assert_eq!(b.settles_at(), None);
+        b.trouble.as_mut().unwrap().working_since = Some(works + QUIET);
+        assert_eq!(b.end(), Some((13, Duration::from_millis(3200) + QUIET)));
+        assert_eq!(
+            b.fail(works),
+            (FIRST_DELAY, true),
+            "a new run starts afresh"
+        );
     }
 
     #[test]

@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::accept::{Admission, Backoff, Slot};
+use crate::accept::{Admission, Backoff, Slot, until};
 use crate::handler::HandlerInfo;
 use crate::wire::{Wire, WireError};
 
@@ -265,6 +265,10 @@ pub async fn serve(
     loop {
         let stream = tokio::select! {
             () = stop.cancelled() => return,
+            () = until(backoff.settles_at()) => {
+                backoff.settle();
+                continue;
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(err) => {

@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::accept::Backoff;
+use crate::accept::{Backoff, until};
 use crate::config::Limits;
 use crate::drain::DrainSignal;
 use crate::handler::{Handler, HandlerError, Request, Response};
@@ -100,6 +100,10 @@ pub async fn accept_loop(listener: TcpListener, ctx: ServeContext, tracker: Task
         let accepted = tokio::select! {
             biased;
             () = stop.cancelled() => return,
+            () = until(backoff.settles_at()) => {
+                backoff.settle();
+                continue;
+            }
             accepted = listener.accept() => accepted,
         };
         match accepted {
