@@ -21,6 +21,18 @@
 //!
 //! A command that reaches a process just after it handed over is answered with
 //! `{"ok":true,"handed_over":{"to":B}}`: send it again, and the new process answers.
+//!
+//! # Bounds
+//!
+//! Lines travel as `wire` messages (JSON, one per line). A request line longer than
+//! [`MAX_REQUEST`] is answered with an error naming the limit, and the connection
+//! closes; so does one that sends no full line within [`REQUEST_TIMEOUT`] (a command
+//! already read waits for its outcome as long as it takes). At most
+//! [`MAX_CONNECTIONS`] are served at once; when full, a new connection displaces the
+//! oldest one still waiting for its request, so a crowd of silent clients cannot lock
+//! out `gem status`, which talks at once. Only when every place holds a command being
+//! answered is the newcomer refused (`too many control connections`). The socket is
+//! mode 0600, so such a crowd can only come from the owner's own processes.
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener as StdUnixListener;
