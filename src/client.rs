@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use gem::Config;
@@ -125,15 +125,15 @@ pub fn status(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {
-        print!("{}", describe(&status));
+        print!("{}", describe(&status, SystemTime::now()));
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn describe(s: &Status) -> String {
+fn describe(s: &Status, now: SystemTime) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
-    let uptime = humantime::format_duration(Duration::from_secs(s.uptime_ms / 1000));
+    let uptime = span(Duration::from_millis(s.uptime_ms));
     let _ = writeln!(
         out,
         "pid:          {} (generation {}, up {uptime})",
@@ -152,18 +152,16 @@ fn describe(s: &Status) -> String {
         s.in_flight, s.connections
     );
     match &s.last_upgrade {
-        Some(u) if u.reason.is_empty() => {
-            let _ = writeln!(
-                out,
-                "last upgrade: {} at {} ms since epoch",
-                u.result, u.at_unix_ms
-            );
-        }
         Some(u) => {
+            let reason = match u.reason.as_str() {
+                "" => String::new(),
+                r => format!(": {r}"),
+            };
             let _ = writeln!(
                 out,
-                "last upgrade: {} at {} ms since epoch: {}",
-                u.result, u.at_unix_ms, u.reason
+                "last upgrade: {} {}{reason}",
+                u.result,
+                moment(u.at_unix_ms, now)
             );
         }
         None => {
@@ -180,6 +178,34 @@ fn describe(s: &Status) -> String {
     out
 }
 
+/// `2026-11-27 11:40:02 UTC (3 s ago)`: when, and how long before `now`.
+fn moment(at_unix_ms: u64, now: SystemTime) -> String {
+    let at = UNIX_EPOCH + Duration::from_millis(at_unix_ms);
+    let date = humantime::format_rfc3339_seconds(at)
+        .to_string()
+        .replacen('T', " ", 1)
+        .replace('Z', " UTC");
+    match now.duration_since(at) {
+        Ok(ago) => format!("{date} ({} ago)", span(ago)),
+        // The server's clock is ahead of ours.
+        Err(_) => date,
+    }
+}
+
+/// A duration as a person says it, to the two largest units: `3 s`, `4 min 5 s`,
+/// `2 h 3 min`, `3 days 4 h`.
+fn span(d: Duration) -> String {
+    let secs = d.as_secs();
+    let (days, h, min, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    match (days, h, min) {
+        (0, 0, 0) => format!("{s} s"),
+        (0, 0, _) => format!("{min} min {s} s"),
+        (0, _, _) => format!("{h} h {min} min"),
+        (1, _, _) => format!("1 day {h} h"),
+        _ => format!("{days} days {h} h"),
+    }
+}
+
 fn remaining(deadline: Instant) -> Duration {
     deadline.saturating_duration_since(Instant::now())
 }
@@ -190,4 +216,29 @@ fn alive(pid: u32) -> bool {
             .rsplit_once(')')
             .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_read_like_a_person_says_them() {
+        let s = Duration::from_secs;
+        assert_eq!(span(Duration::from_millis(999)), "0 s");
+        assert_eq!(span(s(3)), "3 s");
+        assert_eq!(span(s(245)), "4 min 5 s");
+        assert_eq!(span(s(2 * 3600 + 3 * 60 + 9)), "2 h 3 min");
+        assert_eq!(span(s(86_400 + 3600)), "1 day 1 h");
+        assert_eq!(span(s(3 * 86_400 + 4 * 3600)), "3 days 4 h");
+    }
+
+    #[test]
+    fn a_moment_is_a_utc_date_and_how_long_ago() {
+        let at_ms = 1_795_779_602_000; // 2026-11-27 11:40:02 UTC
+        let now = UNIX_EPOCH + Duration::from_millis(at_ms + 3_400);
+        assert_eq!(moment(at_ms, now), "2026-11-27 11:40:02 UTC (3 s ago)");
+        let before = UNIX_EPOCH + Duration::from_millis(at_ms - 1000);
+        assert_eq!(moment(at_ms, before), "2026-11-27 11:40:02 UTC");
+    }
 }

@@ -21,6 +21,18 @@
 //!
 //! A command that reaches a process just after it handed over is answered with
 //! `{"ok":true,"handed_over":{"to":B}}`: send it again, and the new process answers.
+//!
+//! # Bounds
+//!
+//! Lines travel as `wire` messages (JSON, one per line). A request line longer than
+//! [`MAX_REQUEST`] is answered with an error naming the limit, and the connection
+//! closes; so does one that sends no full line within [`REQUEST_TIMEOUT`] (a command
+//! already read waits for its outcome as long as it takes). At most
+//! [`MAX_CONNECTIONS`] are served at once; when full, a new connection displaces the
+//! oldest one still waiting for its request, so a crowd of silent clients cannot lock
+//! out `gem status`, which talks at once. Only when every place holds a command being
+//! answered is the newcomer refused (`too many control connections`). The socket is
+//! mode 0600, so such a crowd can only come from the owner's own processes.
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener as StdUnixListener;
@@ -28,17 +40,34 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::debug;
 
+use crate::accept::{Admission, Backoff, Slot, until};
 use crate::handler::HandlerInfo;
+use crate::wire::{Wire, WireError};
 
 /// The protocol version spoken here.
 pub const VERSION: u32 = 1;
+
+/// The longest request line read: a request is a few dozen bytes, and a client that
+/// sends more (or no newline at all) must not make the server buffer it.
+pub const MAX_REQUEST: usize = 4096;
+
+/// How long a connection may take to send its request line. Waiting for the outcome
+/// of a `reload` or `stop` that was read is not limited by it.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How many control connections are served at once.
+pub const MAX_CONNECTIONS: usize = 32;
+
+/// The longest reply line a client reads (a status names every listener).
+const MAX_REPLY: usize = 1 << 20;
+
+/// The answer when every place is taken by a connection with a command in hand.
+const TOO_MANY: &str = "too many control connections";
 
 /// A request line.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -230,63 +259,103 @@ pub fn bind(path: &Path) -> std::io::Result<StdUnixListener> {
 }
 
 /// Accepts control connections until `stop`, passing each command to the lifecycle.
-/// Each connection is answered on its own task, tracked by `answers`.
+/// Each connection is answered on its own task, tracked by `answers`; at most
+/// [`MAX_CONNECTIONS`] are served at once (see the module doc for who gives way).
 pub async fn serve(
     listener: UnixListener,
     calls: mpsc::Sender<Call>,
     stop: CancellationToken,
     answers: TaskTracker,
 ) {
+    let addr = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+        .unwrap_or_else(|| "the control socket".into());
+    let mut backoff = Backoff::new(addr);
+    let admission = Admission::new(MAX_CONNECTIONS);
     loop {
         let stream = tokio::select! {
             () = stop.cancelled() => return,
+            () = until(backoff.settles_at()) => {
+                backoff.settle();
+                continue;
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(err) => {
-                    debug!(cause = %err, "control socket accept failed");
-                    continue;
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = backoff.failed(&err) => continue,
+                    }
                 }
             },
         };
-        answers.spawn(answer(stream, calls.clone()));
+        backoff.succeeded();
+        match admission.admit() {
+            Some(slot) => {
+                answers.spawn(answer(stream, slot, calls.clone()));
+            }
+            None => refuse(&stream),
+        }
     }
 }
 
-async fn answer(stream: UnixStream, calls: mpsc::Sender<Call>) {
-    let pid = std::process::id();
-    let mut stream = BufReader::new(stream);
-    let mut line = String::new();
-    if stream.read_line(&mut line).await.is_err() {
-        return;
+/// Answers a connection beyond the limit without waiting for it: the line fits in an
+/// empty socket buffer, and a client that cannot take it learns from the close.
+fn refuse(stream: &UnixStream) {
+    let reply = Reply::error(TOO_MANY, std::process::id());
+    if let Ok(mut line) = serde_json::to_vec(&reply) {
+        line.push(b'\n');
+        let _ = stream.try_write(&line);
     }
-    let reply = match serde_json::from_str::<Request>(&line) {
-        Ok(req) if req.v != VERSION => Reply::error(
-            format!(
-                "protocol version {} is not supported; this gem speaks {VERSION}",
-                req.v
-            ),
-            pid,
-        ),
-        Ok(req) => {
-            let (tx, rx) = oneshot::channel();
-            let call = Call {
-                cmd: req.cmd,
-                reply: tx,
-            };
-            match calls.send(call).await {
-                Ok(()) => rx
-                    .await
-                    .unwrap_or_else(|_| Reply::error("the server is shutting down", pid)),
-                Err(_) => Reply::error("the server is shutting down", pid),
-            }
+}
+
+async fn answer(stream: UnixStream, mut slot: Slot, calls: mpsc::Sender<Call>) {
+    let pid = std::process::id();
+    let mut wire = Wire::new(stream, MAX_REQUEST);
+    let reply = match read_request(&mut wire, &slot).await {
+        Ok(None) => return,
+        Ok(Some(req)) if slot.start_work() => run(req.cmd, &calls, pid).await,
+        Ok(Some(_)) => Reply::error(TOO_MANY, pid),
+        Err(reason) => Reply::error(reason, pid),
+    };
+    // A client that reads nothing must not keep its place for ever either.
+    let _ = tokio::time::timeout(REQUEST_TIMEOUT, wire.send(&reply)).await;
+}
+
+/// Reads the request line within [`REQUEST_TIMEOUT`], unless a newer connection takes
+/// this one's place first. `None` if the client closed without asking anything.
+async fn read_request(wire: &mut Wire<UnixStream>, slot: &Slot) -> Result<Option<Request>, String> {
+    let read = tokio::select! {
+        () = slot.evicted() => return Err(TOO_MANY.into()),
+        read = tokio::time::timeout(REQUEST_TIMEOUT, wire.recv::<Request>()) => read,
+    };
+    match read {
+        Err(_) => Err(format!(
+            "no request line within {}",
+            humantime::format_duration(REQUEST_TIMEOUT)
+        )),
+        Ok(Ok(Some(req))) if req.v != VERSION => Err(format!(
+            "protocol version {} is not supported; this gem speaks {VERSION}",
+            req.v
+        )),
+        Ok(Ok(req)) => Ok(req),
+        Ok(Err(WireError::TooLong { max })) => {
+            Err(format!("the request line is longer than {max} bytes"))
         }
-        Err(err) => Reply::error(format!("bad request: {err}"), pid),
-    };
-    let Ok(mut text) = serde_json::to_string(&reply) else {
-        return;
-    };
-    text.push('\n');
-    let _ = stream.get_mut().write_all(text.as_bytes()).await;
+        Ok(Err(err)) => Err(format!("bad request: {err}")),
+    }
+}
+
+/// Hands `cmd` to the lifecycle and waits for its outcome, however long it takes.
+async fn run(cmd: Command, calls: &mpsc::Sender<Call>, pid: u32) -> Reply {
+    let (tx, rx) = oneshot::channel();
+    if calls.send(Call { cmd, reply: tx }).await.is_err() {
+        return Reply::error("the server is shutting down", pid);
+    }
+    rx.await
+        .unwrap_or_else(|_| Reply::error("the server is shutting down", pid))
 }
 
 /// Why a control client got no answer.
@@ -321,7 +390,7 @@ pub enum ClientError {
 /// Sends `cmd` to the gem at `path` and waits up to `timeout` for the reply.
 pub async fn call(path: &Path, cmd: Command, timeout: Duration) -> Result<Reply, ClientError> {
     let exchange = async {
-        let mut stream =
+        let stream =
             UnixStream::connect(path)
                 .await
                 .map_err(|source| ClientError::Unreachable {
@@ -332,22 +401,18 @@ pub async fn call(path: &Path, cmd: Command, timeout: Duration) -> Result<Reply,
             path: path.to_owned(),
             reason,
         };
-        let mut line =
-            serde_json::to_string(&Request { v: VERSION, cmd }).map_err(|e| bad(e.to_string()))?;
-        line.push('\n');
-        stream
-            .write_all(line.as_bytes())
-            .await
-            .map_err(|e| bad(e.to_string()))?;
-        let mut answer = String::new();
-        BufReader::new(stream)
-            .read_line(&mut answer)
-            .await
-            .map_err(|e| bad(e.to_string()))?;
-        if answer.is_empty() {
-            return Err(bad("the connection closed without an answer".into()));
+        let mut wire = Wire::new(stream, MAX_REPLY);
+        // A refused connection may be closed before the request is written: its
+        // answer, if any, says why.
+        let sent = wire.send(&Request { v: VERSION, cmd }).await;
+        match wire.recv::<Reply>().await {
+            Ok(Some(reply)) => Ok(reply),
+            Ok(None) => Err(bad(match sent {
+                Ok(()) => "the connection closed without an answer".into(),
+                Err(err) => err.to_string(),
+            })),
+            Err(err) => Err(bad(err.to_string())),
         }
-        serde_json::from_str(&answer).map_err(|e| bad(format!("{e}: {answer:?}")))
     };
     tokio::time::timeout(timeout, exchange)
         .await

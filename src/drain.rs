@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::fds::{OpenSockets, TrackedStream};
+use crate::conns::{OpenSockets, TrackedStream};
 
 /// Shared between the accept loops and the connection tasks of one server generation.
 #[derive(Debug, Clone)]

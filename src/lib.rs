@@ -25,13 +25,14 @@
 //! - `wire`: the framed JSON-lines protocol of the control socket and the handover.
 //! - `service`: the pid file and systemd notifications.
 
+mod accept;
 mod builder;
 pub mod config;
+mod conns;
 pub mod control;
 mod drain;
 pub mod error;
 mod exec;
-mod fds;
 mod generation;
 pub mod handler;
 mod handover;

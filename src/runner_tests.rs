@@ -20,7 +20,7 @@ use crate::handler::{FnHandler, Response};
 use crate::handover::Inherited;
 use crate::lifecycle::Phase;
 use crate::signals::Signal;
-use crate::upgrade::{Channel, UpgradeError, Upgraded};
+use crate::upgrade::{Channel, MAX_LINE, UpgradeError, Upgraded};
 use crate::wire::Wire;
 
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -73,13 +73,13 @@ impl Spawner for FakeSpawner {
             generation,
             outcome: tx,
             cancel: cancel.clone(),
-            child_end: Wire::new(theirs),
+            child_end: Wire::new(theirs, MAX_LINE),
         });
         let pid = pid_of(generation);
         Box::pin(async move {
             tokio::select! {
                 outcome = rx => match outcome {
-                    Ok(Ok(())) => Ok(Upgraded::new(pid, Wire::new(ours), None)),
+                    Ok(Ok(())) => Ok(Upgraded::new(pid, Wire::new(ours, MAX_LINE), None)),
                     Ok(Err(err)) => Err(err),
                     Err(_) => Err(UpgradeError::Task("the test dropped it".into())),
                 },

@@ -4,10 +4,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, HeaderValue};
+use http::header::{CONNECTION, CONTENT_LENGTH, HOST, HeaderName, HeaderValue};
 use http::{Request as HttpRequest, Response as HttpResponse, StatusCode, Version};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Body as _;
@@ -17,8 +16,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, warn};
+use tracing::{debug, warn};
 
+use crate::accept::{Backoff, until};
 use crate::config::{HYPER_MAX_HEADERS, Limits};
 use crate::drain::DrainSignal;
 use crate::handler::{Handler, HandlerError, Request, Response};
@@ -88,34 +88,34 @@ impl ServeContext {
 /// process's copy of the socket (a new generation may still hold its own).
 pub async fn accept_loop(listener: TcpListener, ctx: ServeContext, tracker: TaskTracker) {
     let stop = ctx.drain.stop_accepting().clone();
+    let mut backoff = Backoff::new(
+        listener
+            .local_addr()
+            .map_or_else(|_| "a listener".into(), |a| a.to_string()),
+    );
     loop {
         let accepted = tokio::select! {
             biased;
             () = stop.cancelled() => return,
+            () = until(backoff.settles_at()) => {
+                backoff.settle();
+                continue;
+            }
             accepted = listener.accept() => accepted,
         };
         match accepted {
             Ok((stream, peer)) => {
+                backoff.succeeded();
                 tracker.spawn(serve_connection(stream, peer, ctx.clone()));
             }
-            Err(err) if is_per_connection_error(&err) => {
-                debug!(cause = %err, "accept: connection failed before it was accepted");
-            }
-            Err(err) => {
-                // Out of fds or memory: back off instead of spinning, and keep going.
-                error!(cause = %err, "failed to accept");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            // Out of fds or memory: back off instead of spinning, and keep going.
+            Err(err) => tokio::select! {
+                biased;
+                () = stop.cancelled() => return,
+                () = backoff.failed(&err) => {}
+            },
         }
     }
-}
-
-fn is_per_connection_error(err: &std::io::Error) -> bool {
-    use std::io::ErrorKind::*;
-    matches!(
-        err.kind(),
-        ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted
-    )
 }
 
 /// Serves one connection, following the drain: once draining, HTTP/2 gets GOAWAY at
@@ -197,6 +197,9 @@ async fn call_handler(
     req: HttpRequest<Incoming>,
     ctx: &ServeContext,
 ) -> Result<HttpResponse<Body>, HttpResponse<Body>> {
+    if let Some(why) = host_problem(&req) {
+        return Err(plain(StatusCode::BAD_REQUEST, why));
+    }
     let max = ctx.limits.max_body_size;
     let declared = req
         .headers()
@@ -260,6 +263,20 @@ async fn call_handler(
     })
 }
 
+/// RFC 9112 §3.2: an HTTP/1.1 request must name its host exactly once (HTTP/1.0 may
+/// omit it; HTTP/2 names it in `:authority`, checked by hyper).
+fn host_problem<B>(req: &HttpRequest<B>) -> Option<&'static str> {
+    if req.version() >= Version::HTTP_2 {
+        return None;
+    }
+    let mut hosts = req.headers().get_all(HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) if req.version() == Version::HTTP_11 => Some("HTTP/1.1 requires a Host header\n"),
+        (Some(_), Some(_)) => Some("more than one Host header\n"),
+        _ => None,
+    }
+}
+
 fn internal_error() -> HttpResponse<Body> {
     plain(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n")
 }
@@ -318,5 +335,22 @@ mod tests {
         let ok = to_http(Response::text(201, "hi").with_header("x-a", "1")).unwrap();
         assert_eq!(ok.status(), 201);
         assert_eq!(ok.headers()["x-a"], "1");
+    }
+
+    #[test]
+    fn http1_1_needs_exactly_one_host_and_http1_0_and_h2_need_none() {
+        let req = |version, hosts: &[&str]| {
+            let mut b = HttpRequest::builder().version(version).uri("/");
+            for h in hosts {
+                b = b.header(HOST, *h);
+            }
+            b.body(()).unwrap()
+        };
+        assert!(host_problem(&req(Version::HTTP_11, &[])).is_some());
+        assert!(host_problem(&req(Version::HTTP_11, &["a", "b"])).is_some());
+        assert!(host_problem(&req(Version::HTTP_10, &["a", "b"])).is_some());
+        assert!(host_problem(&req(Version::HTTP_11, &["a"])).is_none());
+        assert!(host_problem(&req(Version::HTTP_10, &[])).is_none());
+        assert!(host_problem(&req(Version::HTTP_2, &[])).is_none());
     }
 }

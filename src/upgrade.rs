@@ -27,6 +27,8 @@ use crate::wire::{Wire, WireError};
 
 /// The version of the messages between generations.
 pub(crate) const VERSION: u32 = 1;
+/// Longest line on the channel between generations (a failure reason is the longest).
+pub(crate) const MAX_LINE: usize = 64 * 1024;
 
 /// How this process was started, recorded at start-up so a restart runs the binary now
 /// at that path (a rebuilt or reinstalled one), not the image of this process.
@@ -190,7 +192,7 @@ pub(crate) async fn next_from_parent(channel: &mut Channel) -> Option<FromParent
     loop {
         match channel.recv::<Msg<FromParent>>().await {
             Ok(Some(msg)) if msg.v == VERSION => return Some(msg.body),
-            Ok(Some(_)) | Err(WireError::Bad { .. }) => continue,
+            Ok(Some(_)) | Err(WireError::BadJson { .. }) => continue,
             Ok(None) | Err(_) => return None,
         }
     }
@@ -312,7 +314,7 @@ impl Handover {
         let pid = child.id().unwrap_or_default();
         let mut guard = ChildGuard(Some(child));
         on_spawn(pid);
-        let mut channel = Wire::new(channel);
+        let mut channel = Wire::new(channel, MAX_LINE);
         let deadline = tokio::time::Instant::now() + timeout;
         let timed_out = || UpgradeError::Timeout {
             pid,
@@ -321,9 +323,9 @@ impl Handover {
         let outcome = tokio::select! {
             report = channel.recv::<Msg<Report>>() => match report {
                 Ok(Some(msg)) => read_report(pid, msg),
-                Err(WireError::Bad { line, .. }) => Err(UpgradeError::ChildFailed {
+                Err(WireError::BadJson { received, .. }) => Err(UpgradeError::ChildFailed {
                     pid,
-                    reason: format!("unexpected report {line:?}"),
+                    reason: format!("unexpected report {received:?}"),
                 }),
                 // The channel closed: the child is exiting; say how it ended.
                 _ => match guard.0.as_mut() {
@@ -377,9 +379,7 @@ impl ReadyChannel {
     /// Tells the parent this process serves; returns the channel on which the parent
     /// sends what happens afterwards (a forwarded restart, its drain's progress).
     pub(crate) async fn ready(self) -> Result<Channel, WireError> {
-        let stream = self.0;
-        stream.set_nonblocking(true)?;
-        let mut channel = Wire::new(UnixStream::from_std(stream)?);
+        let mut channel = Wire::from_std(self.0, MAX_LINE)?;
         let pid = std::process::id();
         channel.send(&Msg::new(Report::Ready { pid })).await?;
         Ok(channel)

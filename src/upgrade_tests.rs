@@ -17,8 +17,8 @@ fn the_wire_format_is_versioned_json() {
 #[tokio::test]
 async fn unknown_messages_are_skipped_and_a_closed_channel_ends() {
     let (a, b) = UnixStream::pair().unwrap();
-    let mut parent = Wire::new(a);
-    let mut child: Channel = Wire::new(b);
+    let mut parent = Wire::new(a, MAX_LINE);
+    let mut child: Channel = Wire::new(b, MAX_LINE);
     parent
         .send(&serde_json::json!({"v": 1, "msg": "from_the_future"}))
         .await

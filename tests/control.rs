@@ -121,7 +121,20 @@ fn status_matches_reality() {
     assert_eq!(request.join().unwrap().unwrap().status, 200);
     let (code, out, _) = gem_cmd(&gem, &["status"]);
     assert_eq!(code, 0);
-    assert!(out.contains("(generation 3"), "{out}");
+    assert!(out.contains("(generation 3, up "), "{out}");
+    // `last upgrade: upgraded 2026-11-27 11:40:02 UTC (3 s ago)`
+    let last = out
+        .lines()
+        .find_map(|l| l.strip_prefix("last upgrade: upgraded "))
+        .unwrap_or_else(|| panic!("no last upgrade line: {out}"));
+    let (date, ago) = last.split_once(" UTC (").expect("a UTC date");
+    assert_eq!(date.len(), "2026-11-27 11:40:02".len(), "{last}");
+    assert!(
+        date.starts_with("20") && date.as_bytes()[10] == b' ',
+        "{last}"
+    );
+    assert!(ago.ends_with(" s ago)"), "{last}");
+    assert!(!out.contains("since epoch"), "{out}");
 }
 
 #[test]

@@ -86,6 +86,9 @@ pub struct Spec {
     pub toml: String,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// A command gem runs under, which must exec it (e.g. `prlimit --nofile=64:64`),
+    /// so the pid is still gem's.
+    pub under: Vec<String>,
 }
 
 impl Spec {
@@ -99,6 +102,7 @@ impl Spec {
             args: Vec::new(),
             env: Vec::new(),
             program: None,
+            under: Vec::new(),
         }
     }
 
@@ -109,6 +113,7 @@ impl Spec {
             args: Vec::new(),
             env: Vec::new(),
             program: None,
+            under: Vec::new(),
         }
     }
 
@@ -124,6 +129,12 @@ impl Spec {
 
     pub fn arg(mut self, a: &str) -> Spec {
         self.args.push(a.into());
+        self
+    }
+
+    /// Runs gem as `wrapper... gem serve ...`; the wrapper must exec gem.
+    pub fn under(mut self, wrapper: &[&str]) -> Spec {
+        self.under = wrapper.iter().map(|w| (*w).to_owned()).collect();
         self
     }
 }
@@ -192,7 +203,16 @@ impl Gem {
     pub fn spawn(spec: Spec) -> Gem {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("gem.toml"), &spec.toml).unwrap();
-        let mut child = Command::new(spec.program.clone().unwrap_or_else(gem_bin))
+        let program = spec.program.clone().unwrap_or_else(gem_bin);
+        let mut command = match spec.under.split_first() {
+            Some((wrapper, args)) => {
+                let mut c = Command::new(wrapper);
+                c.args(args).arg(program);
+                c
+            }
+            None => Command::new(program),
+        };
+        let mut child = command
             .arg("serve")
             .args(&spec.args)
             .current_dir(dir.path())
@@ -362,6 +382,31 @@ pub fn processes_in(dir: &Path) -> Vec<u32> {
 pub fn signal_pid(pid: u32, sig: Signal) {
     let pid = rustix::process::Pid::from_raw(pid as i32).unwrap();
     rustix::process::kill_process(pid, sig).unwrap();
+}
+
+/// CPU time (user + system) process `pid` has used so far.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name: state is field 3, utime 14, stime 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // USER_HZ is 100 on every Linux the tests run on.
+    Duration::from_millis(ticks * 10)
+}
+
+/// Resident memory of process `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
 }
 
 /// Whether process `pid` exists and is not a zombie.
