@@ -148,6 +148,43 @@ pub(crate) async fn until(at: Option<Instant>) {
     }
 }
 
+impl Backoff {
+    /// The next accepted connection, backing off while accepts fail; `None` once `stop`
+    /// fires. Both accept loops (HTTP and control) go through here.
+    pub(crate) async fn accept<T, F, Fut>(
+        &mut self,
+        stop: &CancellationToken,
+        mut accept: F,
+    ) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = io::Result<T>>,
+    {
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                () = stop.cancelled() => return None,
+                () = until(self.settles_at()) => {
+                    self.settle();
+                    continue;
+                }
+                accepted = accept() => accepted,
+            };
+            match accepted {
+                Ok(conn) => {
+                    self.succeeded();
+                    return Some(conn);
+                }
+                Err(err) => tokio::select! {
+                    biased;
+                    () = stop.cancelled() => return None,
+                    () = self.failed(&err) => {}
+                },
+            }
+        }
+    }
+}
+
 /// Admits at most `max` connections at once. When full, a new connection displaces the
 /// oldest one still waiting for its request (a silent client cannot lock out one that
 /// talks); only when every admitted connection has a request in hand is it refused.

@@ -45,7 +45,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::accept::{Admission, Backoff, Slot, until};
+use crate::accept::{Admission, Backoff, Slot};
 use crate::handler::HandlerInfo;
 use crate::wire::{Wire, WireError};
 
@@ -274,24 +274,7 @@ pub async fn serve(
         .unwrap_or_else(|| "the control socket".into());
     let mut backoff = Backoff::new(addr);
     let admission = Admission::new(MAX_CONNECTIONS);
-    loop {
-        let stream = tokio::select! {
-            () = stop.cancelled() => return,
-            () = until(backoff.settles_at()) => {
-                backoff.settle();
-                continue;
-            }
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(err) => {
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        () = backoff.failed(&err) => continue,
-                    }
-                }
-            },
-        };
-        backoff.succeeded();
+    while let Some((stream, _)) = backoff.accept(&stop, || listener.accept()).await {
         match admission.admit() {
             Some(slot) => {
                 answers.spawn(answer(stream, slot, calls.clone()));

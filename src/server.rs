@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::accept::{Backoff, until};
+use crate::accept::Backoff;
 use crate::config::{HYPER_MAX_HEADERS, Limits};
 use crate::drain::DrainSignal;
 use crate::handler::{Handler, HandlerError, Request, Response};
@@ -93,28 +93,8 @@ pub async fn accept_loop(listener: TcpListener, ctx: ServeContext, tracker: Task
             .local_addr()
             .map_or_else(|_| "a listener".into(), |a| a.to_string()),
     );
-    loop {
-        let accepted = tokio::select! {
-            biased;
-            () = stop.cancelled() => return,
-            () = until(backoff.settles_at()) => {
-                backoff.settle();
-                continue;
-            }
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                backoff.succeeded();
-                tracker.spawn(serve_connection(stream, peer, ctx.clone()));
-            }
-            // Out of fds or memory: back off instead of spinning, and keep going.
-            Err(err) => tokio::select! {
-                biased;
-                () = stop.cancelled() => return,
-                () = backoff.failed(&err) => {}
-            },
-        }
+    while let Some((stream, peer)) = backoff.accept(&stop, || listener.accept()).await {
+        tracker.spawn(serve_connection(stream, peer, ctx.clone()));
     }
 }
 
