@@ -174,7 +174,11 @@ pub fn stop(config: &Config, timeout: Option<Duration>) -> anyhow::Result<ExitCo
     let ReplyBody::Stopped { pid, cut } = reply.body else {
         anyhow::bail!("unexpected answer to stop: {:?}", reply.body);
     };
-    while alive(pid) {
+    // The reply names the pid as the server sees it; in a container (another pid
+    // namespace) that number means another process here. So: wait for the control
+    // socket to go, then for the pid only if it runs this very binary.
+    while std::os::unix::net::UnixStream::connect(path).is_ok() || (alive(pid) && same_binary(pid))
+    {
         if Instant::now() >= deadline {
             anyhow::bail!("pid {pid} drained but has not exited yet");
         }
@@ -310,6 +314,17 @@ fn span_ms(ms: u64) -> String {
 
 fn remaining(deadline: Instant) -> Duration {
     deadline.saturating_duration_since(Instant::now())
+}
+
+/// Whether process `pid` runs the same executable file as this one.
+fn same_binary(pid: u32) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let id = |path: String| std::fs::metadata(path).map(|m| (m.dev(), m.ino())).ok();
+    match (id(format!("/proc/{pid}/exe")), id("/proc/self/exe".into())) {
+        (Some(theirs), Some(ours)) => theirs == ours,
+        // Cannot tell: the socket having gone has to do.
+        _ => false,
+    }
 }
 
 fn alive(pid: u32) -> bool {
