@@ -330,11 +330,11 @@ async fn load_plugin(path: PathBuf, copy: Option<Arc<OwnedFd>>) -> Result<Arc<dy
                 ),
                 None => LoadedPlugin::load(&path),
             })
-                .await
-                .map_err(|e| Error::Io {
-                    context: "loading the plugin",
-                    source: std::io::Error::other(e.to_string()),
-                })??;
+            .await
+            .map_err(|e| Error::Io {
+                context: "loading the plugin",
+                source: std::io::Error::other(e.to_string()),
+            })??;
             Ok(Arc::new(loaded))
         }
     }
@@ -390,7 +390,9 @@ impl Generation {
         let drain = DrainSignal::new(self.config.idle_grace);
         let ctx = ServeContext::new(self.handler.clone(), self.config.limits, drain.clone());
         for (l, (_, fd)) in self.listening.iter_mut().zip(&self.handover.listeners) {
-            let fd = fd.try_clone().map_err(Error::io("duplicating a listener"))?;
+            let fd = fd
+                .try_clone()
+                .map_err(Error::io("duplicating a listener"))?;
             let listener = std::net::TcpListener::from(fd);
             listener
                 .set_nonblocking(true)

@@ -235,7 +235,12 @@ impl Lifecycle {
         if let Some(why) = why {
             let waiters = self.on_probation.take().map(|(_, w)| w).unwrap_or_default();
             let child = self.last_upgrade.as_ref().and_then(|u| u.pid);
-            self.record(Reply::error(why.clone(), self.me.pid), waiters, child, why.clone());
+            self.record(
+                Reply::error(why.clone(), self.me.pid),
+                waiters,
+                child,
+                why.clone(),
+            );
             if let Some(last) = &mut self.last_upgrade {
                 last.result = "rolled back".into();
                 if let Some(rest) = why.strip_prefix("rolled back: ") {

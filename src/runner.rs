@@ -21,8 +21,7 @@ use crate::lifecycle::{Action, Ending, Event, Lifecycle, Phase};
 use crate::service::{notify, remove_pid_file, write_pid_file};
 use crate::signals::Signal;
 use crate::upgrade::{
-    Channel, FromParent, Handover, Launch, UpgradeError, Upgraded, describe_exit,
-    next_from_parent,
+    Channel, FromParent, Handover, Launch, UpgradeError, Upgraded, describe_exit, next_from_parent,
 };
 
 /// Starts the next generation.
@@ -360,7 +359,10 @@ async fn stand_by<S: Stream<Item = Signal> + Unpin>(
                 return Verdict::Over;
             }
             Some(Event::Signal(sig)) if life.is_shutdown(sig) => {
-                info!("[{pid}] received signal {:?} on standby; exiting once drained.", sig.description());
+                info!(
+                    "[{pid}] received signal {:?} on standby; exiting once drained.",
+                    sig.description()
+                );
                 return Verdict::Over;
             }
             Some(event) => {

@@ -194,7 +194,6 @@ pub(crate) enum FromParent {
     },
 }
 
-
 /// The channel between two generations, read as [`crate::wire`] lines.
 pub(crate) type Channel = Wire<UnixStream>;
 
@@ -451,7 +450,6 @@ fn read_report(pid: u32, msg: Msg<Report>) -> Result<(), UpgradeError> {
         Report::Failed { reason } => Err(UpgradeError::ChildFailed { pid, reason }),
     }
 }
-
 
 /// The child's side of the channel to the parent that is waiting for it.
 #[derive(Debug)]

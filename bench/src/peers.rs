@@ -454,12 +454,21 @@ pub fn alive(pid: u32) -> bool {
     })
 }
 
-/// The children of `pid` (from `/proc/PID/task/PID/children`).
+/// The children of `pid`: each of its threads' `/proc/PID/task/TID/children` (a thread
+/// lists only the children it forked itself).
 pub fn children(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return vec![];
+    };
+    tasks
+        .flatten()
+        .flat_map(|task| {
+            std::fs::read_to_string(task.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
         .collect()
 }
 
