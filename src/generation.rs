@@ -368,6 +368,11 @@ impl Generation {
         }
     }
 
+    /// The handler, as a worker reports it to its supervisor.
+    fn report_handler(&self) -> Option<crate::handler::HandlerInfo> {
+        matches!(self.role, Role::Worker { .. }).then(|| self.handler.info())
+    }
+
     /// The drain of what this generation serves now, to run on its own.
     pub(crate) fn drain_job(&self) -> DrainJob {
         DrainJob {
@@ -431,7 +436,7 @@ impl Generation {
     pub(crate) async fn announce(&self, ready: Option<ReadyChannel>) -> Option<Channel> {
         info!("Server started at process {}", self.pid);
         match ready {
-            Some(channel) => match channel.ready().await {
+            Some(channel) => match channel.ready(self.report_handler()).await {
                 Ok(stream) => Some(stream),
                 Err(err) => {
                     // The old process is gone: this one is all there is, so it serves on.

@@ -339,6 +339,12 @@ impl Lifecycle {
                 self.request_restart(Some(call.reply), out);
             }
             Command::WaitUpgrade { generation } => self.wait_upgrade(generation, call.reply),
+            Command::Reexec => {
+                let _ = call.reply.send(Reply::error(
+                    "only a supervisor re-executes its binary (gem serve --supervise)",
+                    pid,
+                ));
+            }
             Command::Stop => {
                 info!("[{pid}] stop requested on the control socket.");
                 self.stop_waiters.push(call.reply);
@@ -561,6 +567,7 @@ impl Lifecycle {
                     connections: *connections,
                 })
                 .collect(),
+            supervisor: None,
         }
     }
 }
