@@ -88,7 +88,8 @@ pub fn worker_killed(build: &Build, plan: &Plan) -> Result<String> {
          serving worker (from `gem status --json`) gets SIGKILL. Recovery: from the kill \
          until `GET /` on a new connection (polled back to back) is answered again, by the \
          replacement. {rounds} round(s), a fresh gem each (a second crash within 60 s \
-         would wait for the backoff).\n\n\
+         would wait for the backoff). Each of wrk's 64 connections has a request in \
+         flight on the killed worker, so up to 64 failures are what a SIGKILL costs.\n\n\
          | round | requests | failed (socket errors + non-2xx) | recovery ms | killed pid | new pid |\n\
          |---|---|---|---|---|---|\n"
     );
