@@ -1,11 +1,14 @@
 //! gem's benchmarks, side by side with a plain hyper server and nginx in one run on this
 //! machine: restarts under load, restart latency, throughput, memory and leaks, drain
-//! time, HTTP/2 through restarts. Prints a table and rewrites BENCHMARKS.md.
+//! time, HTTP/2 through restarts, and supervised mode (restarts, a killed worker, a
+//! crashing plugin rolled back by probation, restart latency). Prints a table and
+//! rewrites BENCHMARKS.md.
 //!
 //! Run it through `bench/run [--quick] [--only 2,3]`, which installs the tools and builds
 //! first.
 
 mod peers;
+mod supervise;
 mod tools;
 
 use std::fmt::Write as _;
@@ -118,7 +121,7 @@ fn main() -> Result<()> {
             args.get(i + 1)
                 .context("--only needs scenario numbers, e.g. --only 2,3")?
                 .split(',')
-                .map(|n| n.trim().parse().context("--only takes numbers 1 to 6"))
+                .map(|n| n.trim().parse().context("--only takes numbers 1 to 10"))
                 .collect::<Result<_>>()?,
         ),
         None => None,
@@ -132,7 +135,7 @@ fn main() -> Result<()> {
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
 
     type Scenario<'a> = (&'a str, Box<dyn Fn() -> Result<String> + 'a>);
-    let scenarios: [Scenario; 6] = [
+    let scenarios: [Scenario; 10] = [
         (
             "1. Restarts under load",
             Box::new(|| restarts_under_load(&build, &plan, workers)),
@@ -150,6 +153,22 @@ fn main() -> Result<()> {
         (
             "6. HTTP/2 through restarts",
             Box::new(|| http2(&build, &plan, workers)),
+        ),
+        (
+            "7. Restarts under load, supervised",
+            Box::new(|| supervise::restarts_under_load(&build, &plan)),
+        ),
+        (
+            "8. Worker killed under load, supervised",
+            Box::new(|| supervise::worker_killed(&build, &plan)),
+        ),
+        (
+            "9. Crashing plugin rolled back by probation",
+            Box::new(|| supervise::bad_plugin(&build, &plan)),
+        ),
+        (
+            "10. Restart latency, plain and supervised",
+            Box::new(|| supervise::restart_latency(&build, &plan)),
         ),
     ];
     for (n, (title, run)) in (1..).zip(&scenarios) {

@@ -19,6 +19,8 @@ pub struct Build {
     pub hyper: PathBuf,
     pub hello_so: PathBuf,
     pub upgraded_so: PathBuf,
+    /// `plugins/testing/crash`, whose `handle` aborts; `None` when it was not built.
+    pub crash_so: Option<PathBuf>,
 }
 
 impl Build {
@@ -29,6 +31,7 @@ impl Build {
             hyper: release.join("examples/hyper_hello"),
             hello_so: release.join("libhello.so"),
             upgraded_so: release.join("libupgraded.so"),
+            crash_so: Some(release.join("libcrash.so")).filter(|p| p.exists()),
         };
         for p in [
             &build.gem,
@@ -127,6 +130,7 @@ pub fn signal(pid: u32, sig: &str) -> Result<()> {
         "HUP" => Signal::HUP,
         "TERM" => Signal::TERM,
         "QUIT" => Signal::QUIT,
+        "KILL" => Signal::KILL,
         other => bail!("no such signal here: {other}"),
     };
     let target = i32::try_from(pid)
@@ -157,70 +161,171 @@ pub trait Peer {
     fn stop(&mut self) -> Result<()>;
 }
 
+/// How gem runs: supervised or not, and its probation (gem's default when `None`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Mode {
+    /// `gem serve --supervise`: the started process keeps the sockets, workers serve.
+    pub supervise: bool,
+    /// `probation = "..."` in gem.toml.
+    pub probation: Option<&'static str>,
+}
+
+impl Mode {
+    pub fn name(&self) -> &'static str {
+        if self.supervise {
+            "supervised"
+        } else {
+            "plain"
+        }
+    }
+}
+
+/// One worker of a supervised gem, from `gem status --json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Worker {
+    pub pid: u32,
+    pub generation: u64,
+    pub state: String,
+}
+
 pub struct Gem {
     pub child: Child,
     pub dir: tempfile::TempDir,
     addr: SocketAddr,
     so: PathBuf,
     build: Build,
+    mode: Mode,
     /// The pid the last restart was sent to.
     restarted: Option<u32>,
+    /// Supervised: the serving generation when the last restart was staged.
+    staged_generation: Option<u64>,
+    stopped: bool,
 }
 
 impl Gem {
     pub fn start(build: &Build) -> Result<Gem> {
+        Gem::start_with(build, Mode::default())
+    }
+
+    /// Starts gem in `mode`; with a mode set, its log (`RUST_LOG=info`) goes to `gem.log`
+    /// in its directory.
+    pub fn start_with(build: &Build, mode: Mode) -> Result<Gem> {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let so = dir.path().join("handler.so");
         std::fs::copy(&build.hello_so, &so)?;
-        std::fs::write(
-            dir.path().join("gem.toml"),
-            format!("listen = [\"127.0.0.1:{port}\"]\nhandler = {so:?}\n"),
-        )?;
-        let child = Command::new(&build.gem)
-            .arg("serve")
+        let mut toml = format!("listen = [\"127.0.0.1:{port}\"]\nhandler = {so:?}\n");
+        if let Some(p) = mode.probation {
+            toml.push_str(&format!("probation = {p:?}\n"));
+        }
+        std::fs::write(dir.path().join("gem.toml"), toml)?;
+        let mut cmd = Command::new(&build.gem);
+        cmd.arg("serve")
             .current_dir(dir.path())
-            .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting gem")?;
+            .stdout(Stdio::null());
+        if mode.supervise {
+            cmd.arg("--supervise");
+        }
+        if mode.supervise || mode.probation.is_some() {
+            let log = std::fs::File::create(dir.path().join("gem.log"))?;
+            cmd.env("RUST_LOG", "info").stderr(log);
+        } else {
+            cmd.env("RUST_LOG", "warn").stderr(Stdio::null());
+        }
+        let child = cmd.spawn().context("starting gem")?;
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-        wait_serving(addr, HELLO)?;
-        Ok(Gem {
+        let mut gem = Gem {
             child,
             dir,
             addr,
             so,
             build: build.clone(),
+            mode,
             restarted: None,
-        })
+            staged_generation: None,
+            stopped: false,
+        };
+        if let Err(e) = wait_serving(addr, HELLO) {
+            let _ = gem.stop();
+            return Err(e.context(format!("gem ({}) did not start", mode.name())));
+        }
+        Ok(gem)
     }
 
-    /// The serving generation's pid.
+    /// The pid in the pid file: the serving generation's, or the supervisor's.
     pub fn pid(&self) -> Result<u32> {
         let text = std::fs::read_to_string(self.dir.path().join("gem.pid"))?;
         Ok(text.trim().parse()?)
     }
 
-    /// The serving generation number, from `gem status --json`.
-    pub fn generation(&self) -> Result<u64> {
+    /// `gem status --json`, parsed.
+    pub fn status(&self) -> Result<serde_json::Value> {
         let out = Command::new(&self.build.gem)
             .args(["status", "--json"])
             .current_dir(self.dir.path())
             .output()?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let line = text
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "reading gem status --json: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    /// The serving generation number, from `gem status --json`.
+    pub fn generation(&self) -> Result<u64> {
+        self.status()?["generation"]
+            .as_u64()
+            .context("no generation in gem status")
+    }
+
+    /// A supervised gem's workers, from `gem status --json`.
+    pub fn workers(&self) -> Result<Vec<Worker>> {
+        let status = self.status()?;
+        let list = status["supervisor"]["workers"]
+            .as_array()
+            .context("no supervisor.workers in gem status (not supervised?)")?;
+        list.iter()
+            .map(|w| {
+                Ok(Worker {
+                    pid: w["pid"]
+                        .as_u64()
+                        .and_then(|p| u32::try_from(p).ok())
+                        .context("worker without pid")?,
+                    generation: w["generation"].as_u64().unwrap_or(0),
+                    state: w["state"].as_str().unwrap_or_default().to_owned(),
+                })
+            })
+            .collect()
+    }
+
+    /// A supervised gem's serving worker.
+    pub fn serving_worker(&self) -> Result<u32> {
+        self.workers()?
+            .into_iter()
+            .find(|w| w.state == "serving")
+            .map(|w| w.pid)
+            .context("no serving worker in gem status")
+    }
+
+    /// Copies `from` over the configured handler path (a rename, as a deploy would).
+    pub fn stage_so(&self, from: &Path) -> Result<()> {
+        let tmp = self.so.with_extension("new");
+        std::fs::copy(from, &tmp)?;
+        std::fs::rename(&tmp, &self.so)?;
+        Ok(())
+    }
+
+    /// Lines of the log (modes other than the default only) that contain `needle`.
+    pub fn log_lines(&self, needle: &str) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join("gem.log"))
+            .unwrap_or_default()
             .lines()
-            .find(|l| l.trim_start().starts_with("\"generation\""))
-            .context("no generation in gem status")?;
-        Ok(line
-            .trim()
-            .trim_start_matches("\"generation\":")
-            .trim_end_matches(',')
-            .trim()
-            .parse()?)
+            .filter(|l| l.contains(needle))
+            .map(str::to_owned)
+            .collect()
     }
 }
 
@@ -239,9 +344,10 @@ impl Peer for Gem {
         } else {
             &self.build.upgraded_so
         };
-        let tmp = self.so.with_extension("new");
-        std::fs::copy(from, &tmp)?;
-        std::fs::rename(&tmp, &self.so)?;
+        self.stage_so(from)?;
+        if self.mode.supervise {
+            self.staged_generation = Some(self.generation()?);
+        }
         Ok(())
     }
 
@@ -251,12 +357,25 @@ impl Peer for Gem {
         signal(pid, "HUP")
     }
 
-    /// The pid file must name the new generation before the next signal.
+    /// The pid file must name the new generation before the next signal; supervised
+    /// (the pid file keeps the supervisor's pid), the status must.
     fn settle(&mut self) -> Result<()> {
+        let start = Instant::now();
+        if self.mode.supervise {
+            let Some(old) = self.staged_generation.take() else {
+                return Ok(());
+            };
+            while self.generation().ok().is_none_or(|g| g == old) {
+                if start.elapsed() > Duration::from_secs(30) {
+                    bail!("supervised gem did not serve a new generation within 30s");
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            return Ok(());
+        }
         let Some(old) = self.restarted else {
             return Ok(());
         };
-        let start = Instant::now();
         while self.pid().ok() == Some(old) || self.pid().is_err() {
             if start.elapsed() > Duration::from_secs(30) {
                 bail!("gem did not hand over within 30s");
@@ -267,18 +386,90 @@ impl Peer for Gem {
     }
 
     fn stop(&mut self) -> Result<()> {
-        if let Ok(pid) = self.pid() {
-            let _ = signal(pid, "TERM");
+        self.stopped = true;
+        // Supervised, the workers are the supervisor's to stop; noted to check after.
+        let workers: Vec<u32> = if self.mode.supervise {
+            self.workers()
+                .map(|ws| ws.into_iter().map(|w| w.pid).collect())
+                .unwrap_or_default()
+        } else {
+            vec![]
+        };
+        // The pid file may name a generation that is gone (a rolled-back one): then the
+        // first process, our child, is the one still serving.
+        match self.pid().ok().filter(|&pid| alive(pid)) {
+            Some(pid) => {
+                let _ = signal(pid, "TERM");
+            }
+            None => {
+                if let Ok(None) = self.child.try_wait() {
+                    let _ = signal(self.child.id(), "TERM");
+                }
+            }
         }
-        let _ = self.child.wait();
+        let start = Instant::now();
+        while self.child.try_wait()?.is_none() {
+            if start.elapsed() > Duration::from_secs(30) {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
         // Later generations are not our children: wait for the pid file to go.
         let start = Instant::now();
         while self.dir.path().join("gem.pid").exists() && start.elapsed() < Duration::from_secs(30)
         {
             std::thread::sleep(Duration::from_millis(10));
         }
+        for pid in workers {
+            let start = Instant::now();
+            while alive(pid) && start.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if alive(pid) {
+                eprintln!("gem worker {pid} outlived its supervisor: SIGKILL");
+                let _ = signal(pid, "KILL");
+            }
+        }
         Ok(())
     }
+}
+
+/// A scenario that fails half-way still stops its gem.
+impl Drop for Gem {
+    fn drop(&mut self) {
+        if !self.stopped {
+            let _ = self.stop();
+        }
+    }
+}
+
+/// Whether `pid` exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+    })
+}
+
+/// The children of `pid`: each of its threads' `/proc/PID/task/TID/children` (a thread
+/// lists only the children it forked itself).
+pub fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return vec![];
+    };
+    tasks
+        .flatten()
+        .flat_map(|task| {
+            std::fs::read_to_string(task.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
 }
 
 pub struct Hyper {
