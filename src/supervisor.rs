@@ -316,13 +316,27 @@ pub async fn supervise(config: Config, loader: Loader) -> Result<(), Error> {
             answers.clone(),
         ));
     }
+    let mut installed = sup.config.signals.clone();
     let mut signals =
-        Box::pin(os_signals(&sup.config.signals).map_err(Error::io("installing signal handlers"))?);
+        Box::pin(os_signals(&installed).map_err(Error::io("installing signal handlers"))?);
     // Children that exited before the handler was installed (or during an exec).
     sup.reap().await;
     loop {
         if sup.stopping.is_some() && sup.workers.is_empty() && sup.starting.is_none() {
             break;
+        }
+        if sup.config.signals != installed {
+            // A restart brought a new [signals] table: handle its signals from now on.
+            match os_signals(&sup.config.signals) {
+                Ok(stream) => {
+                    signals = Box::pin(stream);
+                    installed = sup.config.signals.clone();
+                }
+                Err(e) => {
+                    warn!("[{pid}] could not install the new signal table: {e}");
+                    installed = sup.config.signals.clone();
+                }
+            }
         }
         let start_done = async {
             match &mut sup.starting {
@@ -421,7 +435,13 @@ impl Supervisor {
                     died: Some(died_tx),
                 });
             }
-            Err(err) => self.start_failed(spec, purpose, &err.to_string()),
+            Err(err) => {
+                let what = match purpose {
+                    Purpose::Upgrade(_) => err.to_string(),
+                    Purpose::Replace => format!("could not start a worker: {err}"),
+                };
+                self.start_failed(spec, purpose, &what);
+            }
         }
     }
 
@@ -516,8 +536,8 @@ impl Supervisor {
         let pid = starting.pid;
         let result = match outcome {
             Some((channel, Ok(handler))) => Ok((channel, handler)),
-            Some((_, Err(err))) => Err(err.to_string()),
-            None => Err("the task waiting for it failed".into()),
+            Some((_, Err(err))) => Err(err),
+            None => Err(UpgradeError::Task("it panicked".into())),
         };
         match result {
             Ok(_) if self.stopping.is_some() => {
@@ -561,11 +581,14 @@ impl Supervisor {
                         },
                     );
                 }
-                let what = match starting.purpose {
-                    Purpose::Upgrade(_) => why,
-                    Purpose::Replace => format!(
-                        "worker {pid} (generation {}) failed before it was ready: {why}",
-                        starting.generation
+                let generation = starting.generation;
+                let what = match (&starting.purpose, why) {
+                    (Purpose::Upgrade(_), why) => why.to_string(),
+                    (Purpose::Replace, UpgradeError::ChildExited { status, .. }) => format!(
+                        "worker {pid} (generation {generation}) died ({status}) before it was ready"
+                    ),
+                    (Purpose::Replace, why) => format!(
+                        "worker {pid} (generation {generation}) failed before it was ready: {why}"
                     ),
                 };
                 self.start_failed(starting.spec, starting.purpose, &what);
@@ -599,6 +622,7 @@ impl Supervisor {
             },
         );
         self.last_good = Some(starting.spec.clone());
+        self.take_config(&starting.spec);
         self.end_probation().await;
         let probation = starting.spec.config.probation;
         if let Some(old) = old.and_then(|o| self.workers.get_mut(&o)) {
@@ -716,7 +740,6 @@ impl Supervisor {
         });
         match spec {
             Ok(spec) => {
-                self.config = spec.config.clone();
                 self.start(Arc::new(spec), Purpose::Upgrade(waiters));
             }
             Err(err) => {
@@ -826,8 +849,9 @@ impl Supervisor {
             w.state = State::Serving;
             w.serving_since = Some(Instant::now());
             w.send(FromParent::Resume).await;
-            self.last_good = Some(w.spec.clone());
-            self.config = w.spec.config.clone();
+            let spec = w.spec.clone();
+            self.last_good = Some(spec.clone());
+            self.take_config(&spec);
         }
         self.record(
             "rolled back",
@@ -1013,6 +1037,18 @@ impl Supervisor {
                 workers,
             }),
         }
+    }
+
+    /// Follows the settings of the worker that serves now (signals, timeouts,
+    /// probation). The pid file and control socket stay where this supervisor put them.
+    fn take_config(&mut self, spec: &Spec) {
+        let pid_file = self.config.pid_file.take();
+        let control_socket = self.config.control_socket.take();
+        self.config = Config {
+            pid_file,
+            control_socket,
+            ..spec.config.clone()
+        };
     }
 
     fn record(&mut self, result: &str, reason: &str, pid: Option<u32>) {
