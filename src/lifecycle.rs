@@ -247,7 +247,10 @@ impl Lifecycle {
                     last.reason = rest.to_owned();
                 }
             }
-            out.push(Action::Notify(Notice::Ready { status: Some(why) }));
+            // systemd's main pid is this one again (it may have seen the other die
+            // first: under systemd, supervised mode avoids that race).
+            out.push(Action::Notify(Notice::HandedOver { pid: self.me.pid }));
+            out.push(Action::Notify(Notice::Status(why)));
             out.push(Action::RestorePidFile);
         }
         out
