@@ -3,6 +3,12 @@ use super::*;
 use crate::handler::{FnHandler, Response};
 
 fn lifecycle() -> (Lifecycle, watch::Receiver<Phase>) {
+    lifecycle_as(Role::Alone {
+        probation: Duration::ZERO,
+    })
+}
+
+fn lifecycle_as(role: Role) -> (Lifecycle, watch::Receiver<Phase>) {
     let me = Identity {
         pid: 10,
         generation: 1,
@@ -10,9 +16,7 @@ fn lifecycle() -> (Lifecycle, watch::Receiver<Phase>) {
         started: Instant::now(),
         listen: Vec::new(),
         handler: Arc::new(FnHandler::new("t", |_| Response::text(200, "x"))),
-        role: Role::Alone {
-            probation: Duration::ZERO,
-        },
+        role,
     };
     let phase = watch::Sender::new(Phase::Starting);
     let rx = phase.subscribe();
@@ -105,4 +109,81 @@ fn shutdown_tells_systemd_and_ends_once() {
     assert!(life.handle(status).is_empty());
     assert!(!rx.try_recv().unwrap().ok, "shutting down");
     assert!(life.handle(Event::Signal(Signal::USR1)).is_empty());
+}
+
+#[test]
+fn on_probation_the_reload_is_answered_when_it_is_over() {
+    let (mut life, phase) = lifecycle_as(Role::Alone {
+        probation: Duration::from_secs(3),
+    });
+    let (reload, mut rx) = call(Command::Reload);
+    life.handle(reload);
+    let done = life.handle(Event::UpgradeDone(Ok(77)));
+    assert!(done.contains(&Action::Drain(Ending::HandedOver { to: 77 })));
+    assert!(rx.try_recv().is_err(), "not answered during the probation");
+    life.probation_passed();
+    let reply = rx.try_recv().unwrap();
+    assert!(reply.ok, "{reply:?}");
+    assert!(matches!(reply.body, ReplyBody::Upgraded(u) if u.to == 77));
+    assert_eq!(*phase.borrow(), Phase::Draining);
+}
+
+#[test]
+fn a_rollback_answers_the_reload_and_serves_again() {
+    let (mut life, phase) = lifecycle_as(Role::Alone {
+        probation: Duration::from_secs(3),
+    });
+    let (reload, mut rx) = call(Command::Reload);
+    life.handle(reload);
+    life.handle(Event::UpgradeDone(Ok(77)));
+    let why =
+        "rolled back: pid 77 died (signal 6 SIGABRT) 5ms after taking over; pid 10 serves again";
+    let actions = life.resume(DrainSignal::new(Duration::ZERO), Some(why.into()));
+    assert_eq!(
+        actions,
+        vec![
+            Action::Notify(Notice::HandedOver { pid: 10 }),
+            Action::Notify(Notice::Status(why.into())),
+            Action::RestorePidFile,
+        ]
+    );
+    let reply = rx.try_recv().unwrap();
+    assert!(!reply.ok);
+    assert!(matches!(&reply.body, ReplyBody::Failed { reason, pid: 10 } if reason == why));
+    assert_eq!(*phase.borrow(), Phase::Serving);
+    // Serving again: a new restart starts an upgrade.
+    assert!(
+        life.handle(Event::Signal(Signal::HUP))
+            .contains(&Action::StartUpgrade { generation: 2 })
+    );
+    let (status, mut rx) = call(Command::Status);
+    life.handle(status);
+    let ReplyBody::Status(s) = rx.try_recv().unwrap().body else {
+        panic!("a status");
+    };
+    let last = s.last_upgrade.unwrap();
+    assert_eq!(last.result, "rolled back");
+    assert_eq!(last.pid, Some(77));
+    assert!(last.reason.starts_with("pid 77 died"), "{last:?}");
+}
+
+#[test]
+fn a_worker_leaves_restarts_to_its_supervisor_and_stands_by_when_told() {
+    let (mut life, phase) = lifecycle_as(Role::Worker { supervisor: 1 });
+    assert!(life.handle(Event::Signal(Signal::HUP)).is_empty());
+    assert_eq!(
+        life.handle(Event::Parent(FromParent::Hook { signal: 10 })),
+        vec![Action::CallHook(Signal::USR1)]
+    );
+    assert_eq!(
+        life.handle(Event::Parent(FromParent::Standby)),
+        vec![Action::Drain(Ending::Standby)]
+    );
+    assert_eq!(*phase.borrow(), Phase::Draining);
+    life.resume(DrainSignal::new(Duration::ZERO), None);
+    assert_eq!(*phase.borrow(), Phase::Serving);
+    assert_eq!(
+        life.handle(Event::ParentGone),
+        vec![Action::Drain(Ending::Orphaned)]
+    );
 }
