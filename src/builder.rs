@@ -206,7 +206,7 @@ async fn serve(
 ) -> Result<Exit, Error> {
     let launch = Launch::current().map_err(Error::io("recording how gem was started"))?;
     let upgrade_timeout = config.upgrade_timeout;
-    let (mut generation, ready) = match start(config, handler, take_inherited()?).await {
+    let (generation, ready) = match start(config, handler, take_inherited()?).await {
         Ok(started) => started,
         Err((err, ready)) => {
             if let Some(ready) = ready {
@@ -216,7 +216,10 @@ async fn serve(
         }
     };
     let parent = generation.announce(ready).await;
-    let fds = std::mem::take(&mut generation.handover);
+    let fds = generation
+        .handover
+        .try_clone()
+        .map_err(Error::io("duplicating the sockets"))?;
     let spawner = ProcessSpawner::new(launch, fds.listeners, fds.control, upgrade_timeout);
     crate::runner::run(generation, spawner, signals, parent, phase.clone()).await
 }

@@ -95,13 +95,13 @@ impl Exec {
     /// Makes `execve` the last step before exec in `cmd`'s child. Install it after every
     /// other `pre_exec` hook (the fd mappings): hooks run in order, and this one does
     /// not return on success.
-    pub(crate) fn install(mut self, cmd: &mut tokio::process::Command) {
+    pub(crate) fn install(mut self, cmd: &mut std::process::Command) {
         let hook = move || -> std::io::Result<()> { self.exec_in_child() };
         // SAFETY: the hook runs in the forked child before exec. It does not allocate
         // (every buffer was sized before the fork), takes no lock, and calls only
         // async-signal-safe functions (getpid, execve).
         unsafe {
-            cmd.pre_exec(hook);
+            std::os::unix::process::CommandExt::pre_exec(cmd, hook);
         }
     }
 

@@ -2,7 +2,7 @@
 //! announce readiness, and drain with the reference's log lines.
 
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,7 +19,7 @@ use crate::drain::{DrainOutcome, DrainSignal};
 use crate::error::Error;
 use crate::handler::Handler;
 use crate::handover::Inherited;
-use crate::lifecycle::Identity;
+use crate::lifecycle::{Identity, Role};
 use crate::listeners::open_listeners;
 use crate::plugin::LoadedPlugin;
 use crate::server::{ServeContext, accept_loop};
@@ -34,6 +34,13 @@ pub(crate) enum HandlerSource {
     InProcess(Arc<dyn Handler>),
     /// A plugin `.so`, loaded afresh by every generation.
     Plugin(PathBuf),
+    /// The plugin `path`, from a sealed copy of it that a supervisor handed over.
+    Copy {
+        /// The plugin's path, for messages.
+        path: PathBuf,
+        /// The copy.
+        copy: Arc<OwnedFd>,
+    },
 }
 
 /// How [`crate::Server::run`] ended.
@@ -61,13 +68,36 @@ pub(crate) struct Listening {
     pub(crate) tracker: TaskTracker,
 }
 
-/// Duplicates of the sockets, kept for handing over to the next generation (the accept
-/// loops own the originals).
+/// Duplicates of the sockets, kept for handing over to the next generation and for
+/// resuming after a probation (the accept loops own the originals).
 #[derive(Debug, Default)]
 pub(crate) struct HandoverFds {
     /// Each listener's label (its `listen` entry as written) and socket.
     pub(crate) listeners: Vec<(String, OwnedFd)>,
     pub(crate) control: Option<OwnedFd>,
+}
+
+impl HandoverFds {
+    /// Duplicates of every fd.
+    pub(crate) fn try_clone(&self) -> std::io::Result<HandoverFds> {
+        Ok(HandoverFds {
+            listeners: self
+                .listeners
+                .iter()
+                .map(|(label, fd)| Ok((label.clone(), fd.try_clone()?)))
+                .collect::<std::io::Result<_>>()?,
+            control: self.control.as_ref().map(OwnedFd::try_clone).transpose()?,
+        })
+    }
+}
+
+/// A drain of what one generation served, owned so that it can run on while the
+/// generation serves again (a resume after a failed probation).
+pub(crate) struct DrainJob {
+    pid: u32,
+    drain: DrainSignal,
+    listeners: Vec<(SocketAddr, TaskTracker)>,
+    wait_timeout: Duration,
 }
 
 /// The control socket being served.
@@ -94,6 +124,7 @@ pub(crate) struct Generation {
     pub(crate) started: Instant,
     /// The process that handed over to this one, for generations after the first.
     pub(crate) parent_pid: Option<u32>,
+    pub(crate) role: Role,
 }
 
 /// Loads the handler, opens the listeners and the control socket, starts accepting.
@@ -104,12 +135,35 @@ pub(crate) async fn start(
     inherited: Inherited,
 ) -> Result<(Generation, Option<ReadyChannel>), (Error, Option<ReadyChannel>)> {
     let ready = inherited.ready.map(ReadyChannel::new);
+    let (role, source) = match (inherited.worker, source) {
+        (Some(worker), HandlerSource::Plugin(path)) => (
+            Role::Worker {
+                supervisor: worker.supervisor,
+            },
+            HandlerSource::Copy {
+                path,
+                copy: Arc::new(worker.plugin),
+            },
+        ),
+        (Some(worker), source) => (
+            Role::Worker {
+                supervisor: worker.supervisor,
+            },
+            source,
+        ),
+        (None, source) => (
+            Role::Alone {
+                probation: config.probation,
+            },
+            source,
+        ),
+    };
     let started = start_serving(
         config,
         source,
         inherited.listeners,
         inherited.control,
-        inherited.generation,
+        (inherited.generation, role),
     )
     .await;
     match started {
@@ -123,7 +177,7 @@ async fn start_serving(
     source: HandlerSource,
     inherited: Vec<(String, std::net::TcpListener)>,
     inherited_control: Option<StdUnixListener>,
-    number: u64,
+    (number, role): (u64, Role),
 ) -> Result<Generation, Error> {
     let pid = std::process::id();
     let handler = load_handler(source).await?;
@@ -175,7 +229,9 @@ async fn start_serving(
         handover,
         drain,
         started: Instant::now(),
-        parent_pid: (number > 1).then(std::os::unix::process::parent_id),
+        parent_pid: (number > 1 && matches!(role, Role::Alone { .. }))
+            .then(std::os::unix::process::parent_id),
+        role,
     })
 }
 
@@ -257,9 +313,23 @@ fn log_handler(pid: u32, handler: &dyn Handler) {
 async fn load_handler(source: HandlerSource) -> Result<Arc<dyn Handler>, Error> {
     match source {
         HandlerSource::InProcess(h) => Ok(h),
-        HandlerSource::Plugin(path) => {
+        HandlerSource::Plugin(path) => load_plugin(path, None).await,
+        HandlerSource::Copy { path, copy } => load_plugin(path, Some(copy)).await,
+    }
+}
+
+async fn load_plugin(path: PathBuf, copy: Option<Arc<OwnedFd>>) -> Result<Arc<dyn Handler>, Error> {
+    {
+        {
             // A plugin's init may block; keep it off the I/O threads.
-            let loaded = tokio::task::spawn_blocking(move || LoadedPlugin::load(&path))
+            let loaded = tokio::task::spawn_blocking(move || match copy {
+                // A path of its own, so reading it does not move the shared offset.
+                Some(fd) => LoadedPlugin::load_from(
+                    &path,
+                    Path::new(&format!("/proc/self/fd/{}", fd.as_raw_fd())),
+                ),
+                None => LoadedPlugin::load(&path),
+            })
                 .await
                 .map_err(|e| Error::Io {
                     context: "loading the plugin",
@@ -294,7 +364,64 @@ impl Generation {
             started: self.started,
             listen: self.listening.iter().map(|l| l.local.to_string()).collect(),
             handler: self.handler.clone(),
+            role: self.role,
         }
+    }
+
+    /// The drain of what this generation serves now, to run on its own.
+    pub(crate) fn drain_job(&self) -> DrainJob {
+        DrainJob {
+            pid: self.pid,
+            drain: self.drain.clone(),
+            listeners: self
+                .listening
+                .iter()
+                .map(|l| (l.local, l.tracker.clone()))
+                .collect(),
+            wait_timeout: self.config.wait_timeout,
+        }
+    }
+
+    /// Serves again on the same sockets after a drain began (a probation that failed,
+    /// or a supervisor's resume): fresh accept loops, and the control socket answered
+    /// again. The connections of the earlier drain finish on their own. Returns the
+    /// new drain signal and the control socket's calls.
+    pub(crate) fn resume(&mut self) -> Result<(DrainSignal, Option<mpsc::Receiver<Call>>), Error> {
+        let drain = DrainSignal::new(self.config.idle_grace);
+        let ctx = ServeContext::new(self.handler.clone(), self.config.limits, drain.clone());
+        for (l, (_, fd)) in self.listening.iter_mut().zip(&self.handover.listeners) {
+            let fd = fd.try_clone().map_err(Error::io("duplicating a listener"))?;
+            let listener = std::net::TcpListener::from(fd);
+            listener
+                .set_nonblocking(true)
+                .map_err(Error::io("configuring a listener"))?;
+            let listener = tokio::net::TcpListener::from_std(listener)
+                .map_err(Error::io("registering a listener"))?;
+            l.tracker = TaskTracker::new();
+            tokio::spawn(accept_loop(listener, ctx.clone(), l.tracker.clone()));
+        }
+        self.drain = drain.clone();
+        let mut calls = None;
+        if let (Some(control), Some(fd)) = (&mut self.control, &self.handover.control) {
+            let file_err = |source| Error::File {
+                path: control.path.clone(),
+                source,
+            };
+            let listener = StdUnixListener::from(fd.try_clone().map_err(file_err)?);
+            listener.set_nonblocking(true).map_err(file_err)?;
+            let listener = tokio::net::UnixListener::from_std(listener).map_err(file_err)?;
+            let (tx, rx) = mpsc::channel(16);
+            control.stop = CancellationToken::new();
+            control.answers = TaskTracker::new();
+            tokio::spawn(control::serve(
+                listener,
+                tx,
+                control.stop.clone(),
+                control.answers.clone(),
+            ));
+            calls = Some(rx);
+        }
+        Ok((drain, calls))
     }
 
     /// Announces that this generation serves: the log line, then `ready` to the old
@@ -327,27 +454,28 @@ impl Generation {
             let _ = tokio::time::timeout(Duration::from_secs(1), control.answers.wait()).await;
         }
     }
+}
 
+impl DrainJob {
     /// The drain, with the reference's log lines. Returns how many connections were cut.
-    pub(crate) async fn drain_all(&self) -> usize {
+    pub(crate) async fn run(self) -> usize {
         let pid = self.pid;
-        for l in &self.listening {
-            info!("[{pid}] shutting down the server({})...", l.local);
+        for (local, _) in &self.listeners {
+            info!("[{pid}] shutting down the server({local})...");
         }
         self.drain.begin();
-        let deadline = tokio::time::Instant::now() + self.config.wait_timeout;
-        let trackers: Vec<_> = self.listening.iter().map(|l| l.tracker.clone()).collect();
+        let deadline = tokio::time::Instant::now() + self.wait_timeout;
+        let trackers: Vec<_> = self.listeners.iter().map(|(_, t)| t.clone()).collect();
         let outcomes = self.drain.finish(&trackers, deadline).await;
         let mut total = 0;
-        for (l, outcome) in self.listening.iter().zip(outcomes) {
+        for ((local, _), outcome) in self.listeners.iter().zip(outcomes) {
             match outcome {
-                DrainOutcome::Clean => info!("[{pid}] server({}) shutdown successfully.", l.local),
+                DrainOutcome::Clean => info!("[{pid}] server({local}) shutdown successfully."),
                 DrainOutcome::TimedOut { cut } => {
                     total += cut;
                     warn!(
-                        "[{pid}] server({}) has been shutdown, but some existing connections reach error: timeout. ({cut} cut after {})",
-                        l.local,
-                        humantime::format_duration(self.config.wait_timeout)
+                        "[{pid}] server({local}) has been shutdown, but some existing connections reach error: timeout. ({cut} cut after {})",
+                        humantime::format_duration(self.wait_timeout)
                     );
                 }
             }

@@ -30,6 +30,14 @@ pub(crate) const ENV_READY_FD: &str = "GEM_HANDOVER_READY_FD";
 pub(crate) const ENV_GENERATION: &str = "GEM_HANDOVER_GENERATION";
 /// The pid of the process the fds are meant for.
 pub(crate) const ENV_PID: &str = "GEM_HANDOVER_PID";
+/// Set for a worker of a supervisor: the supervisor's pid.
+pub(crate) const ENV_SUPERVISOR: &str = "GEM_HANDOVER_SUPERVISOR";
+/// A worker's effective configuration, as JSON: the one its supervisor loaded.
+pub(crate) const ENV_CONFIG: &str = "GEM_HANDOVER_CONFIG";
+/// The fd of a sealed copy of the plugin a worker is to load.
+pub(crate) const ENV_PLUGIN_FD: &str = "GEM_HANDOVER_PLUGIN_FD";
+/// A re-executed supervisor's state, as JSON (see `supervisor::Saved`).
+pub(crate) const ENV_SUPERVISOR_STATE: &str = "GEM_HANDOVER_SUPERVISOR_STATE";
 /// Every variable above: what a child must not inherit from this process's own
 /// environment, and what is removed once read.
 const ALL_VARS: &[&str] = &[
@@ -38,6 +46,10 @@ const ALL_VARS: &[&str] = &[
     ENV_READY_FD,
     ENV_GENERATION,
     ENV_PID,
+    ENV_SUPERVISOR,
+    ENV_CONFIG,
+    ENV_PLUGIN_FD,
+    ENV_SUPERVISOR_STATE,
 ];
 /// systemd's socket-activation variables.
 const SYSTEMD_VARS: &[&str] = &["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"];
@@ -101,6 +113,19 @@ pub(crate) struct Inherited {
     pub(crate) ready: Option<UnixStream>,
     /// Our generation: 1 for a fresh start.
     pub(crate) generation: u64,
+    /// For a worker: its supervisor's pid, config (JSON) and plugin copy.
+    pub(crate) worker: Option<WorkerFds>,
+}
+
+/// What a supervisor hands its worker besides the sockets.
+#[derive(Debug)]
+pub(crate) struct WorkerFds {
+    /// The supervisor's pid.
+    pub(crate) supervisor: u32,
+    /// The effective configuration, as JSON.
+    pub(crate) config: String,
+    /// A sealed copy of the plugin.
+    pub(crate) plugin: OwnedFd,
 }
 
 impl Inherited {
@@ -111,6 +136,7 @@ impl Inherited {
             control: None,
             ready: None,
             generation: 1,
+            worker: None,
         }
     }
 }
@@ -172,10 +198,12 @@ fn claim_gem(fds_value: &str) -> Result<Inherited, FdError> {
     let pairs = parse_pairs(ENV_FDS, fds_value)?;
     let control = env_fd(ENV_CONTROL_FD)?;
     let ready = env_fd(ENV_READY_FD)?;
+    let plugin = env_fd(ENV_PLUGIN_FD)?;
     let mut named: Vec<(RawFd, &'static str)> =
         pairs.iter().map(|(fd, _)| (*fd, ENV_FDS)).collect();
     named.extend(control.map(|fd| (fd, ENV_CONTROL_FD)));
     named.extend(ready.map(|fd| (fd, ENV_READY_FD)));
+    named.extend(plugin.map(|fd| (fd, ENV_PLUGIN_FD)));
     check_distinct(&named)?;
     let mut inherited = Inherited::fresh();
     for (fd, label) in pairs {
@@ -193,6 +221,19 @@ fn claim_gem(fds_value: &str) -> Result<Inherited, FdError> {
         let owned = claim(fd, ENV_READY_FD)?;
         check_stream(fd, &owned)?;
         inherited.ready = Some(UnixStream::from(owned));
+    }
+    if let (Some(supervisor), Some(config), Some(fd)) =
+        (env(ENV_SUPERVISOR), env(ENV_CONFIG), plugin)
+    {
+        let supervisor = supervisor.parse().map_err(|_| FdError::BadEnv {
+            var: ENV_SUPERVISOR,
+            value: supervisor,
+        })?;
+        inherited.worker = Some(WorkerFds {
+            supervisor,
+            config,
+            plugin: claim(fd, ENV_PLUGIN_FD)?,
+        });
     }
     inherited.generation = match env(ENV_GENERATION) {
         Some(g) => g.parse().map_err(|_| FdError::BadEnv {
@@ -395,6 +436,17 @@ impl ChildFds {
         fds.env.push((ENV_READY_FD, n.to_string()));
         fds.env.push((ENV_GENERATION, generation.to_string()));
         Ok(fds)
+    }
+
+    /// Makes the child a worker of this process (its supervisor), loading `config`
+    /// (JSON) and the plugin copy `plugin`.
+    pub(crate) fn worker(&mut self, config: String, plugin: BorrowedFd<'_>) -> std::io::Result<()> {
+        let n = self.push(plugin.try_clone_to_owned()?);
+        self.env.push((ENV_PLUGIN_FD, n.to_string()));
+        self.env.push((ENV_CONFIG, config));
+        self.env
+            .push((ENV_SUPERVISOR, std::process::id().to_string()));
+        Ok(())
     }
 
     fn push(&mut self, fd: OwnedFd) -> RawFd {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{oneshot, watch};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::control::{self, Call, Command, Draining, LastUpgrade, Reply, ReplyBody, Status};
 use crate::drain::DrainSignal;
@@ -79,10 +79,32 @@ pub(crate) enum Action {
 pub(crate) enum Ending {
     /// A shutdown: drain, then exit.
     Shutdown,
-    /// A new process serves: drain, then exit.
+    /// A new process serves: drain, then exit (after the probation, unless the new
+    /// process dies first and this one resumes).
     HandedOver {
         /// Its pid.
         to: u32,
+    },
+    /// A worker whose supervisor put it on standby: drain, then wait to be resumed or
+    /// stopped.
+    Standby,
+    /// A worker whose supervisor is gone: stop serving now.
+    Orphaned,
+}
+
+/// How this process serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// On its own: it upgrades by starting its successor, and stays on probation after
+    /// handing over for this long.
+    Alone {
+        /// How long to stay loaded after a handover.
+        probation: Duration,
+    },
+    /// As a worker of a supervisor, which upgrades, stands by and resumes it.
+    Worker {
+        /// The supervisor's pid.
+        supervisor: u32,
     },
 }
 
@@ -97,6 +119,7 @@ pub(crate) struct Identity {
     pub(crate) listen: Vec<String>,
     /// Asked for its info at every `status` (its sha256 arrives after the start).
     pub(crate) handler: Arc<dyn Handler>,
+    pub(crate) role: Role,
 }
 
 /// An upgrade under way.
@@ -135,6 +158,8 @@ pub(crate) struct Lifecycle {
     /// Older generations still draining: pid -> open connections.
     draining: BTreeMap<u32, usize>,
     ending: Option<Ending>,
+    /// The answer to the upgrade that handed over, held until the probation is over.
+    on_probation: Option<(Reply, Vec<oneshot::Sender<Reply>>)>,
 }
 
 impl Lifecycle {
@@ -166,7 +191,61 @@ impl Lifecycle {
             stop_waiters: Vec::new(),
             draining: BTreeMap::new(),
             ending: None,
+            on_probation: None,
         }
+    }
+
+    /// The probation after a handover, if any.
+    pub(crate) fn probation(&self) -> Option<Duration> {
+        match self.me.role {
+            Role::Alone { probation } if !probation.is_zero() => Some(probation),
+            _ => None,
+        }
+    }
+
+    /// The supervisor of a worker.
+    fn supervisor(&self) -> Option<u32> {
+        match self.me.role {
+            Role::Worker { supervisor } => Some(supervisor),
+            Role::Alone { .. } => None,
+        }
+    }
+
+    /// Whether `sig` means shutdown here.
+    pub(crate) fn is_shutdown(&self, sig: Signal) -> bool {
+        self.signals.action(sig) == Some(SignalAction::Shutdown)
+    }
+
+    /// The probation passed: the upgrade's waiters learn it worked.
+    pub(crate) fn probation_passed(&mut self) {
+        if let Some((reply, waiters)) = self.on_probation.take() {
+            let child = self.last_upgrade.as_ref().and_then(|u| u.pid);
+            self.record(reply, waiters, child, String::new());
+        }
+    }
+
+    /// Serving again: after the new process died on probation (`why` says so, and
+    /// answers the upgrade's waiters), or a worker resumed by its supervisor. `drain`
+    /// counts the new connections.
+    pub(crate) fn resume(&mut self, drain: DrainSignal, why: Option<String>) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.ending = None;
+        self.drain = drain;
+        self.phase.send_replace(Phase::Serving);
+        if let Some(why) = why {
+            let waiters = self.on_probation.take().map(|(_, w)| w).unwrap_or_default();
+            let child = self.last_upgrade.as_ref().and_then(|u| u.pid);
+            self.record(Reply::error(why.clone(), self.me.pid), waiters, child, why.clone());
+            if let Some(last) = &mut self.last_upgrade {
+                last.result = "rolled back".into();
+                if let Some(rest) = why.strip_prefix("rolled back: ") {
+                    last.reason = rest.to_owned();
+                }
+            }
+            out.push(Action::Notify(Notice::Ready { status: Some(why) }));
+            out.push(Action::RestorePidFile);
+        }
+        out
     }
 
     /// Takes in one event; returns what to do about it.
@@ -182,7 +261,16 @@ impl Lifecycle {
             Event::UpgradeDone(Ok(to)) => self.upgrade_succeeded(to, &mut out),
             Event::UpgradeDone(Err(err)) => self.upgrade_failed(&err, &mut out),
             Event::Parent(msg) => self.on_parent(msg, &mut out),
-            Event::ParentGone => self.draining.clear(),
+            Event::ParentGone => match self.me.role {
+                Role::Worker { supervisor } => {
+                    warn!(
+                        "[{}] the supervisor (process {supervisor}) is gone; stopping.",
+                        self.me.pid
+                    );
+                    self.end(Ending::Orphaned, &mut out);
+                }
+                Role::Alone { .. } => self.draining.clear(),
+            },
         }
         out
     }
@@ -212,6 +300,12 @@ impl Lifecycle {
         let pid = self.me.pid;
         let desc = sig.description();
         match self.signals.action(sig) {
+            Some(SignalAction::Restart) if self.supervisor().is_some() => {
+                let supervisor = self.supervisor().unwrap_or_default();
+                info!(
+                    "[{pid}] received signal {desc:?}; this worker is supervised by process {supervisor}: signal it instead."
+                );
+            }
             Some(SignalAction::Restart) => {
                 info!("[{pid}] received signal {desc:?}.");
                 self.request_restart(None, out);
@@ -250,6 +344,22 @@ impl Lifecycle {
 
     fn on_parent(&mut self, msg: FromParent, out: &mut Vec<Action>) {
         match msg {
+            FromParent::Standby => self.end(Ending::Standby, out),
+            FromParent::Stop => {
+                info!("[{}] stop requested by the supervisor.", self.me.pid);
+                self.end(Ending::Shutdown, out);
+            }
+            FromParent::Resume => {}
+            FromParent::Hook { signal } => {
+                if let Some(sig) = Signal::from_number(signal) {
+                    info!(
+                        "[{}] the supervisor passed on signal {:?}; calling the handler's on_signal hook.",
+                        self.me.pid,
+                        sig.description()
+                    );
+                    out.push(Action::CallHook(sig));
+                }
+            }
             FromParent::Restart => {
                 info!("[{}] restart passed on by the old process.", self.me.pid);
                 self.request_restart(None, out);
@@ -267,8 +377,9 @@ impl Lifecycle {
     fn after_the_end(&mut self, event: Event, ending: Ending) {
         let pid = self.me.pid;
         let state = match ending {
-            Ending::Shutdown => "shutting down",
+            Ending::Shutdown | Ending::Orphaned => "shutting down",
             Ending::HandedOver { .. } => "handing over",
+            Ending::Standby => "standing by",
         };
         match event {
             Event::Signal(sig) => info!(
@@ -282,7 +393,7 @@ impl Lifecycle {
             Event::Call(call) => {
                 let _ = call.reply.send(match ending {
                     Ending::HandedOver { to } => Reply::ok(ReplyBody::HandedOver { to }),
-                    Ending::Shutdown => Reply::error("the server is shutting down", pid),
+                    _ => Reply::error("the server is shutting down", pid),
                 });
             }
             _ => {}
@@ -359,7 +470,21 @@ impl Lifecycle {
             generation,
             ms: Some(ms),
         }));
-        self.record(reply, running.waiters, Some(to), String::new());
+        if self.probation().is_some() {
+            // Answered when the probation is over: "did my upgrade work?" is only
+            // known then.
+            let first = std::mem::take(&mut self.first_waiters);
+            let waiters = running.waiters.into_iter().chain(first).collect();
+            self.on_probation = Some((reply, waiters));
+            self.last_upgrade = Some(LastUpgrade {
+                result: "on probation".into(),
+                at_unix_ms: unix_ms(),
+                reason: String::new(),
+                pid: Some(to),
+            });
+        } else {
+            self.record(reply, running.waiters, Some(to), String::new());
+        }
         if let Some(waiters) = self.follow_up.take() {
             out.push(Action::ForwardRestart);
             let forwarded = Reply::ok(ReplyBody::Forwarded { to, generation });

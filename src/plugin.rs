@@ -118,8 +118,14 @@ pub struct LoadedPlugin {
 impl LoadedPlugin {
     /// Loads the plugin at `path` through the full handshake and runs its `init`.
     pub fn load(path: &Path) -> Result<LoadedPlugin, PluginError> {
+        Self::load_from(path, path)
+    }
+
+    /// Loads the bytes at `source` (a supervisor's sealed copy, `/proc/self/fd/N`) as
+    /// the plugin `path`: messages and `gem status` name `path`.
+    pub(crate) fn load_from(path: &Path, source: &Path) -> Result<LoadedPlugin, PluginError> {
         let path = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
-        let (library, copy) = open_private_copy(&path)?;
+        let (library, copy) = open_private_copy(&path, source)?;
         let descriptor = handshake(&path, library)?;
         // SAFETY: both strings are static data of the never-unloaded library.
         let (name, version) =
@@ -188,13 +194,11 @@ fn sha256_of(mut copy: std::fs::File) -> std::io::Result<String> {
         .collect())
 }
 
-/// dlopens a sealed in-memory copy of the file at `path`, so that rewriting the user's
-/// file in place can never change the code this process runs. The kernel copies the
-/// bytes (no pass through this process). Returns the library and a handle on the copy,
-/// for hashing. The memfd and the library are leaked on purpose: never closing the fd
-/// also keeps its `/proc/self/fd/N` name unique, so the dynamic loader can never mistake
-/// a later plugin for this one.
-fn open_private_copy(path: &Path) -> Result<(&'static Library, std::fs::File), PluginError> {
+/// A sealed in-memory copy of the bytes at `source` (the plugin `path`): nothing can
+/// change it any more, whatever happens to the user's file. The kernel copies the bytes.
+/// A supervisor keeps one per generation, to start a replacement from the very bytes
+/// that reached ready.
+pub(crate) fn sealed_copy(path: &Path, source: &Path) -> Result<memfd::Memfd, PluginError> {
     let read_err = |source| PluginError::Read {
         path: path.to_owned(),
         source,
@@ -203,7 +207,7 @@ fn open_private_copy(path: &Path) -> Result<(&'static Library, std::fs::File), P
         path: path.to_owned(),
         reason,
     };
-    let mut source = std::fs::File::open(path).map_err(read_err)?;
+    let mut source = std::fs::File::open(source).map_err(read_err)?;
     let memfd = memfd::MemfdOptions::new()
         .allow_sealing(true)
         .close_on_exec(true)
@@ -212,7 +216,6 @@ fn open_private_copy(path: &Path) -> Result<(&'static Library, std::fs::File), P
     let mut file = memfd.into_file();
     // Read errors (a directory, an unreadable file) are far likelier than memfd ones.
     std::io::copy(&mut source, &mut file).map_err(read_err)?;
-    let copy = file.try_clone().map_err(|e| copy_err(e.to_string()))?;
     let memfd = memfd::Memfd::try_from_file(file)
         .map_err(|_| copy_err("the copy is not a memfd".into()))?;
     memfd
@@ -223,6 +226,26 @@ fn open_private_copy(path: &Path) -> Result<(&'static Library, std::fs::File), P
             memfd::FileSeal::SealSeal,
         ])
         .map_err(|e| copy_err(e.to_string()))?;
+    Ok(memfd)
+}
+
+/// dlopens a [`sealed_copy`] of `source`, so that rewriting the user's file in place can
+/// never change the code this process runs. Returns the library and a handle on the
+/// copy, for hashing. The memfd and the library are leaked on purpose: never closing
+/// the fd also keeps its `/proc/self/fd/N` name unique, so the dynamic loader can never
+/// mistake a later plugin for this one.
+fn open_private_copy(
+    path: &Path,
+    source: &Path,
+) -> Result<(&'static Library, std::fs::File), PluginError> {
+    let memfd = sealed_copy(path, source)?;
+    let copy = memfd
+        .as_file()
+        .try_clone()
+        .map_err(|e| PluginError::Copy {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
     let fd_path = format!("/proc/self/fd/{}", memfd.as_raw_fd());
     // SAFETY: loading runs the library's initialisers. A gem plugin is trusted code by
     // design (it serves every request); this is the one point where it starts running.

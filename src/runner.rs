@@ -11,7 +11,7 @@ use futures_util::{Stream, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::control::{Call, Reply, ReplyBody};
 use crate::drain::DrainSignal;
@@ -21,7 +21,8 @@ use crate::lifecycle::{Action, Ending, Event, Lifecycle, Phase};
 use crate::service::{notify, remove_pid_file, write_pid_file};
 use crate::signals::Signal;
 use crate::upgrade::{
-    Channel, FromParent, Handover, Launch, UpgradeError, Upgraded, next_from_parent,
+    Channel, FromParent, Handover, Launch, UpgradeError, Upgraded, describe_exit,
+    next_from_parent,
 };
 
 /// Starts the next generation.
@@ -139,7 +140,7 @@ impl<S: Stream<Item = Signal> + Unpin> Sources<S> {
 }
 
 /// Runs `generation` until shutdown or handover, then drains. `parent` is the channel
-/// from the generation that started this one.
+/// from the generation that started this one (or from the supervisor).
 pub(crate) async fn run<P: Spawner>(
     mut generation: Generation,
     mut spawner: P,
@@ -160,6 +161,64 @@ pub(crate) async fn run<P: Spawner>(
         calls,
         parent,
     };
+    let exit = loop {
+        let (ending, upgraded) = serve(&generation, &mut spawner, &mut life, &mut sources).await;
+        if let Some(control) = &generation.control {
+            // New control clients must reach the new generation (or nobody).
+            control.stop.cancel();
+        }
+        let drain = tokio::spawn(generation.drain_job().run());
+        let drain = match (ending, upgraded) {
+            (Ending::HandedOver { to }, Some(mut child)) => match life.probation() {
+                Some(probation) => {
+                    match on_probation(&generation, &mut life, &mut sources, &mut child, probation)
+                        .await
+                    {
+                        Verdict::Died(why) => {
+                            resume(&mut generation, &mut life, &mut sources, Some(why))?;
+                            continue;
+                        }
+                        Verdict::Over => {}
+                    }
+                    Drain::HandedOver { to, child, drain }
+                }
+                None => Drain::HandedOver { to, child, drain },
+            },
+            (Ending::Standby, _) => match stand_by(&mut life, &mut sources).await {
+                Verdict::Died(_) => {
+                    resume(&mut generation, &mut life, &mut sources, None)?;
+                    continue;
+                }
+                Verdict::Over => Drain::Shutdown(drain),
+            },
+            (Ending::Orphaned, _) => {
+                // Stop serving now; what is in flight gets a second at most.
+                let cut = generation.drain.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(ORPHAN_GRACE).await;
+                    cut.cut().cancel();
+                });
+                Drain::Shutdown(drain)
+            }
+            _ => Drain::Shutdown(drain),
+        };
+        break finish(&generation, &mut life, &mut sources, drain).await;
+    };
+    life.set_phase(Phase::Exited);
+    Ok(exit)
+}
+
+/// How long a worker whose supervisor is gone lets open requests finish.
+const ORPHAN_GRACE: Duration = Duration::from_secs(1);
+
+/// Serves until the lifecycle decides to end; returns how, with the new process for a
+/// handover.
+async fn serve<P: Spawner, S: Stream<Item = Signal> + Unpin>(
+    generation: &Generation,
+    spawner: &mut P,
+    life: &mut Lifecycle,
+    sources: &mut Sources<S>,
+) -> (Ending, Option<Upgraded>) {
     let mut task: Option<Task> = None;
     let mut upgraded: Option<Upgraded> = None;
     let ending = 'serve: loop {
@@ -182,26 +241,166 @@ pub(crate) async fn run<P: Spawner>(
                     let join = tokio::spawn(spawner.spawn(n, cancel.clone()));
                     task = Some(Task { join, cancel });
                 }
-                Action::ForwardRestart => forward_restart(upgraded.as_mut()).await,
-                Action::CallHook(sig) => {
-                    let handler = generation.handler.clone();
-                    let signo = sig.number();
-                    tokio::task::spawn_blocking(move || handler.on_signal(signo));
-                }
-                Action::Notify(notice) => notify(&notice),
-                Action::RestorePidFile => restore_pid_file(&generation),
                 Action::Drain(ending) => break 'serve ending,
+                action => act(generation, action, upgraded.as_mut()).await,
             }
         }
     };
-    if let Some(control) = &generation.control {
-        // New control clients must reach the new generation (or nobody).
-        control.stop.cancel();
+    stop_upgrade(task, life).await;
+    (ending, upgraded)
+}
+
+/// Carries out an action that does not change the loop.
+async fn act(generation: &Generation, action: Action, upgraded: Option<&mut Upgraded>) {
+    match action {
+        Action::ForwardRestart => forward_restart(upgraded).await,
+        Action::CallHook(sig) => {
+            let handler = generation.handler.clone();
+            let signo = sig.number();
+            tokio::task::spawn_blocking(move || handler.on_signal(signo));
+        }
+        Action::Notify(notice) => notify(&notice),
+        Action::RestorePidFile => restore_pid_file(generation),
+        Action::StartUpgrade { .. } | Action::Drain(_) => {}
     }
-    stop_upgrade(task, &mut life).await;
-    let exit = finish(&generation, &mut life, &mut sources, ending, upgraded).await;
-    life.set_phase(Phase::Exited);
-    Ok(exit)
+}
+
+/// How a probation or a standby ended.
+enum Verdict {
+    /// The generation that took over died (`why`), or the supervisor says resume.
+    Died(String),
+    /// Over: exit once drained.
+    Over,
+}
+
+/// The drain a generation finishes with.
+enum Drain {
+    /// After a handover: the new process is told how the drain goes.
+    HandedOver {
+        to: u32,
+        child: Upgraded,
+        drain: JoinHandle<usize>,
+    },
+    /// A final one.
+    Shutdown(JoinHandle<usize>),
+}
+
+/// After handing over: drains, but watches the new process for `probation`. If it dies
+/// (a signal or a failure exit) meanwhile, says why, to resume serving.
+async fn on_probation<S: Stream<Item = Signal> + Unpin>(
+    generation: &Generation,
+    life: &mut Lifecycle,
+    sources: &mut Sources<S>,
+    child: &mut Upgraded,
+    probation: Duration,
+) -> Verdict {
+    let pid = generation.pid;
+    let to = child.pid;
+    let since = tokio::time::Instant::now();
+    let over = since + probation;
+    let drain = generation.drain.clone();
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    info!(
+        "[{pid}] on probation for {}: process {pid} stays loaded and takes over again if {to} dies.",
+        humantime::format_duration(probation)
+    );
+    loop {
+        tokio::select! {
+            status = child.exited() => {
+                let after = since.elapsed();
+                if status.success() {
+                    info!("[{pid}] process {to} exited normally during the probation; probation over.");
+                    life.probation_passed();
+                    return Verdict::Over;
+                }
+                let why = format!(
+                    "rolled back: pid {to} died ({}) {} after taking over; pid {pid} serves again",
+                    describe_exit(status),
+                    seconds(after)
+                );
+                error!("[{pid}] {why}.");
+                return Verdict::Died(why);
+            }
+            () = tokio::time::sleep_until(over) => {
+                info!("[{pid}] probation over: process {to} has served for {}.", humantime::format_duration(probation));
+                life.probation_passed();
+                return Verdict::Over;
+            }
+            _ = tick.tick() => {
+                let connections = drain.connections();
+                let _ = child.send(FromParent::Draining { pid, connections }).await;
+            }
+            Some(event) = sources.next(), if sources.open() => {
+                // Only messages from an older generation still draining arrive, or
+                // signals and calls, which the ended lifecycle logs or answers.
+                match event {
+                    Event::Parent(msg @ (FromParent::Draining { .. } | FromParent::Drained { .. })) => {
+                        let _ = child.send(msg).await;
+                    }
+                    event => { life.handle(event); }
+                }
+            }
+        }
+    }
+}
+
+/// A worker on standby: drains, and waits for its supervisor to resume or stop it.
+async fn stand_by<S: Stream<Item = Signal> + Unpin>(
+    life: &mut Lifecycle,
+    sources: &mut Sources<S>,
+) -> Verdict {
+    let pid = std::process::id();
+    info!("[{pid}] standing by: no longer accepting; the supervisor may resume this worker.");
+    loop {
+        match sources.next().await {
+            Some(Event::Parent(FromParent::Resume)) => {
+                return Verdict::Died("resumed by the supervisor".into());
+            }
+            Some(Event::Parent(FromParent::Stop)) | Some(Event::ParentGone) | None => {
+                return Verdict::Over;
+            }
+            Some(Event::Signal(sig)) if life.is_shutdown(sig) => {
+                info!("[{pid}] received signal {:?} on standby; exiting once drained.", sig.description());
+                return Verdict::Over;
+            }
+            Some(event) => {
+                life.handle(event);
+            }
+        }
+    }
+}
+
+/// Serves again after a drain began.
+fn resume<S: Stream<Item = Signal> + Unpin>(
+    generation: &mut Generation,
+    life: &mut Lifecycle,
+    sources: &mut Sources<S>,
+    why: Option<String>,
+) -> Result<(), Error> {
+    let (drain, calls) = generation.resume()?;
+    if calls.is_some() {
+        sources.calls = calls;
+    }
+    for l in &generation.listening {
+        info!("[{}] accepting on http://{} again", generation.pid, l.local);
+    }
+    for action in life.resume(drain, why) {
+        match action {
+            Action::Notify(notice) => notify(&notice),
+            Action::RestorePidFile => restore_pid_file(generation),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// `1.2s`, `250ms`: a short span, to a tenth of a second above one.
+fn seconds(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
 }
 
 /// Turns a finished upgrade task into an event, keeping the new process's handle.
@@ -255,15 +454,14 @@ async fn finish<S: Stream<Item = Signal> + Unpin>(
     generation: &Generation,
     life: &mut Lifecycle,
     sources: &mut Sources<S>,
-    ending: Ending,
-    upgraded: Option<Upgraded>,
+    drain: Drain,
 ) -> Exit {
     let pid = generation.pid;
     // The old generation's messages are relayed to the new one from here on.
     let parent = sources.parent.take();
-    let drain = async {
-        match (ending, upgraded) {
-            (Ending::HandedOver { to }, Some(child)) => {
+    let drained = async {
+        match drain {
+            Drain::HandedOver { to, child, drain } => {
                 let done = CancellationToken::new();
                 let relay = tokio::spawn(relay_drain(
                     child,
@@ -271,21 +469,20 @@ async fn finish<S: Stream<Item = Signal> + Unpin>(
                     generation.drain.clone(),
                     done.clone(),
                 ));
-                let cut = generation.drain_all().await;
+                let cut = drain.await.unwrap_or_default();
                 done.cancel();
                 let _ = relay.await;
                 Exit::HandedOver { to, cut }
             }
-            _ => {
-                let cut = generation.drain_all().await;
-                Exit::Shutdown { cut }
-            }
+            Drain::Shutdown(drain) => Exit::Shutdown {
+                cut: drain.await.unwrap_or_default(),
+            },
         }
     };
-    tokio::pin!(drain);
+    tokio::pin!(drained);
     let exit = loop {
         tokio::select! {
-            exit = &mut drain => break exit,
+            exit = &mut drained => break exit,
             Some(event) = sources.next(), if sources.open() => { life.handle(event); }
         }
     };

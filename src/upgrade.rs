@@ -181,7 +181,19 @@ pub(crate) enum FromParent {
         /// Its pid.
         pid: u32,
     },
+    /// From a supervisor: stop accepting and drain, but stay loaded (probation).
+    Standby,
+    /// From a supervisor: accept again (the generation that took over died).
+    Resume,
+    /// From a supervisor: drain and exit.
+    Stop,
+    /// From a supervisor: call the handler's `on_signal` hook with this signal.
+    Hook {
+        /// The signal number.
+        signal: i32,
+    },
 }
+
 
 /// The channel between two generations, read as [`crate::wire`] lines.
 pub(crate) type Channel = Wire<UnixStream>;
@@ -205,7 +217,7 @@ pub(crate) struct Upgraded {
     pub(crate) pid: u32,
     channel: Channel,
     // Held so the child is reaped if it exits while we still run; never killed on drop.
-    _child: Option<Child>,
+    child: Option<Child>,
 }
 
 impl Upgraded {
@@ -214,13 +226,25 @@ impl Upgraded {
         Upgraded {
             pid,
             channel,
-            _child: child,
+            child,
         }
     }
 
     /// Sends the new process one message.
     pub(crate) async fn send(&mut self, msg: FromParent) -> Result<(), WireError> {
         self.channel.send(&Msg::new(msg)).await
+    }
+
+    /// Resolves when the new process has exited, with how; never for a process that is
+    /// not our child.
+    pub(crate) async fn exited(&mut self) -> ExitStatus {
+        match &mut self.child {
+            Some(child) => match child.wait().await {
+                Ok(status) => status,
+                Err(_) => std::future::pending().await,
+            },
+            None => std::future::pending().await,
+        }
     }
 }
 
@@ -259,6 +283,7 @@ pub(crate) struct Handover {
     fds: ChildFds,
     channel: UnixStream,
     timeout: Duration,
+    worker: bool,
 }
 
 impl Handover {
@@ -280,65 +305,82 @@ impl Handover {
             fds,
             channel,
             timeout,
+            worker: false,
         })
+    }
+
+    /// Makes the child a worker of this process: it loads `config` (JSON) and the
+    /// plugin copy `plugin`, runs in a process group of its own (a terminal's Ctrl-C
+    /// reaches the supervisor only) and does not talk to systemd.
+    pub(crate) fn worker(&mut self, config: String, plugin: BorrowedFd<'_>) -> std::io::Result<()> {
+        self.fds.worker(config, plugin)?;
+        self.worker = true;
+        Ok(())
+    }
+
+    /// The command that starts the child, ready to spawn: an exact `execve` with the
+    /// fds mapped.
+    fn command(&mut self) -> Result<std::process::Command, UpgradeError> {
+        let spawn_err = |source| UpgradeError::Spawn {
+            exe: self.launch.exe.clone(),
+            source,
+        };
+        let mut env = self.fds.child_env();
+        if self.worker {
+            env.retain(|(k, _)| k != "NOTIFY_SOCKET");
+        }
+        let exec = Exec::new(&self.launch.exe, &self.launch.args, env).map_err(spawn_err)?;
+        let mut cmd = std::process::Command::new(&self.launch.exe);
+        cmd.current_dir(&self.launch.cwd);
+        if self.worker {
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        }
+        cmd.fd_mappings(std::mem::take(&mut self.fds.mappings))
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        exec.install(&mut cmd);
+        Ok(cmd)
+    }
+
+    /// Starts the child without waiting for it: its pid and the channel to it. Nothing
+    /// reaps it but the caller (a supervisor's reaper).
+    pub(crate) fn spawn_unreaped(mut self) -> Result<(u32, Channel), UpgradeError> {
+        let mut cmd = self.command()?;
+        let child = cmd.spawn().map_err(|source| UpgradeError::Spawn {
+            exe: self.launch.exe.clone(),
+            source,
+        })?;
+        // Our copies of the child's fds (its end of the channel above all) must close
+        // now, or we would never see the channel close if the child dies.
+        drop(cmd);
+        Ok((child.id(), Wire::new(self.channel, MAX_LINE)))
     }
 
     /// Starts the child and waits for it to be ready. On failure, when `cancel` fires
     /// first, or if this future is dropped or panics, the child is killed (and reaped).
     /// `on_spawn` is told the child's pid.
     pub(crate) async fn run(
-        self,
+        mut self,
         on_spawn: impl FnOnce(u32),
         cancel: CancellationToken,
     ) -> Result<Upgraded, UpgradeError> {
-        let Handover {
-            launch,
-            fds,
-            channel,
-            timeout,
-        } = self;
-        let spawn_err = |source| UpgradeError::Spawn {
-            exe: launch.exe.clone(),
+        let mut cmd = Command::from(self.command()?);
+        let child = cmd.spawn().map_err(|source| UpgradeError::Spawn {
+            exe: self.launch.exe.clone(),
             source,
-        };
-        let exec = Exec::new(&launch.exe, &launch.args, fds.child_env()).map_err(spawn_err)?;
-        let mut cmd = Command::new(&launch.exe);
-        cmd.current_dir(&launch.cwd);
-        cmd.fd_mappings(fds.mappings)
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        exec.install(&mut cmd);
-        let child = cmd.spawn().map_err(spawn_err)?;
-        // Our copies of the child's fds (its end of the channel above all) must close
-        // now, or we would never see the channel close if the child dies.
+        })?;
+        // As in `spawn_unreaped`.
         drop(cmd);
         let pid = child.id().unwrap_or_default();
         let mut guard = ChildGuard(Some(child));
         on_spawn(pid);
-        let mut channel = Wire::new(channel, MAX_LINE);
-        let deadline = tokio::time::Instant::now() + timeout;
-        let timed_out = || UpgradeError::Timeout {
-            pid,
-            after: timeout,
+        let mut channel = Wire::new(self.channel, MAX_LINE);
+        let died = async {
+            match guard.0.as_mut() {
+                Some(child) => describe(&child.wait().await),
+                None => std::future::pending().await,
+            }
         };
-        let outcome = tokio::select! {
-            report = channel.recv::<Msg<Report>>() => match report {
-                Ok(Some(msg)) => read_report(pid, msg),
-                Err(WireError::BadJson { received, .. }) => Err(UpgradeError::ChildFailed {
-                    pid,
-                    reason: format!("unexpected report {received:?}"),
-                }),
-                // The channel closed: the child is exiting; say how it ended.
-                _ => match guard.0.as_mut() {
-                    Some(child) => match tokio::time::timeout_at(deadline, child.wait()).await {
-                        Ok(status) => Err(exited(pid, status)),
-                        Err(_) => Err(timed_out()),
-                    },
-                    None => Err(timed_out()),
-                },
-            },
-            () = tokio::time::sleep_until(deadline) => Err(timed_out()),
-            () = cancel.cancelled() => Err(UpgradeError::Cancelled { pid }),
-        };
+        let outcome = await_ready(&mut channel, pid, self.timeout, &cancel, died).await;
         match outcome {
             Ok(()) => Ok(Upgraded::new(pid, channel, guard.disarm())),
             Err(err) => {
@@ -349,6 +391,60 @@ impl Handover {
     }
 }
 
+/// Waits for child `pid` to report ready on `channel`, for at most `timeout`. `died`
+/// resolves, with how, if the child exits.
+pub(crate) async fn await_ready(
+    channel: &mut Channel,
+    pid: u32,
+    timeout: Duration,
+    cancel: &CancellationToken,
+    died: impl std::future::Future<Output = String>,
+) -> Result<(), UpgradeError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let timed_out = || UpgradeError::Timeout {
+        pid,
+        after: timeout,
+    };
+    tokio::pin!(died);
+    tokio::select! {
+        report = channel.recv::<Msg<Report>>() => match report {
+            Ok(Some(msg)) => read_report(pid, msg),
+            Err(WireError::BadJson { received, .. }) => Err(UpgradeError::ChildFailed {
+                pid,
+                reason: format!("unexpected report {received:?}"),
+            }),
+            // The channel closed: the child is exiting; say how it ended.
+            _ => match tokio::time::timeout_at(deadline, &mut died).await {
+                Ok(status) => Err(UpgradeError::ChildExited { pid, status }),
+                Err(_) => Err(timed_out()),
+            },
+        },
+        status = &mut died => Err(UpgradeError::ChildExited { pid, status }),
+        () = tokio::time::sleep_until(deadline) => Err(timed_out()),
+        () = cancel.cancelled() => Err(UpgradeError::Cancelled { pid }),
+    }
+}
+
+/// How a process ended, for the log: `exit code 3`, `signal 6 SIGABRT`.
+pub(crate) fn describe_exit(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt as _;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(sig)) => match crate::signals::Signal::from_number(sig) {
+            Some(s) => format!("signal {sig} {}", s.name()),
+            None => format!("signal {sig}"),
+        },
+        _ => status.to_string(),
+    }
+}
+
+fn describe(status: &std::io::Result<ExitStatus>) -> String {
+    match status {
+        Ok(s) => describe_exit(*s),
+        Err(e) => format!("status unknown: {e}"),
+    }
+}
+
 fn read_report(pid: u32, msg: Msg<Report>) -> Result<(), UpgradeError> {
     match msg.body {
         Report::Ready { .. } => Ok(()),
@@ -356,15 +452,6 @@ fn read_report(pid: u32, msg: Msg<Report>) -> Result<(), UpgradeError> {
     }
 }
 
-fn exited(pid: u32, status: std::io::Result<ExitStatus>) -> UpgradeError {
-    UpgradeError::ChildExited {
-        pid,
-        status: match status {
-            Ok(s) => s.to_string(),
-            Err(e) => format!("status unknown: {e}"),
-        },
-    }
-}
 
 /// The child's side of the channel to the parent that is waiting for it.
 #[derive(Debug)]

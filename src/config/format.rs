@@ -55,6 +55,39 @@ pub(super) mod duration {
     }
 }
 
+impl Serialize for super::Supervise {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            super::Supervise::On => s.serialize_bool(true),
+            super::Supervise::Off => s.serialize_bool(false),
+            super::Supervise::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for super::Supervise {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Value {
+            Bool(bool),
+            Text(String),
+        }
+        match Value::deserialize(d)? {
+            Value::Bool(true) => Ok(super::Supervise::On),
+            Value::Bool(false) => Ok(super::Supervise::Off),
+            Value::Text(t) => match t.trim().to_ascii_lowercase().as_str() {
+                "auto" => Ok(super::Supervise::Auto),
+                "true" => Ok(super::Supervise::On),
+                "false" => Ok(super::Supervise::Off),
+                _ => Err(de::Error::custom(format!(
+                    "{t:?} is not true, false or \"auto\""
+                ))),
+            },
+        }
+    }
+}
+
 /// A size in bytes: read as `"1 MiB"`, `"64KiB"` or a number; written exactly, in the
 /// largest binary unit that divides it (`"64 KiB"`, `"1000 B"`).
 pub(super) mod size {

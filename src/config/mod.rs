@@ -116,9 +116,40 @@ pub struct Config {
     /// `Config::extract`), so that their errors keep their key.
     #[serde(flatten, skip_deserializing)]
     pub limits: Limits,
+    /// Whether a supervisor process keeps the sockets and runs each generation as a
+    /// worker: `true`, `false` or `"auto"` (on when gem is PID 1).
+    pub supervise: Supervise,
+    /// How long an old generation stays loaded after a new one takes over, ready to
+    /// resume serving if the new one dies; zero turns it off.
+    #[serde(with = "format::duration")]
+    pub probation: Duration,
     /// What each signal does.
     #[serde(with = "format::signal_table")]
     pub signals: SignalRegistry,
+}
+
+/// The `supervise` setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Supervise {
+    /// Always run a supervisor (`true`).
+    On,
+    /// Never (`false`).
+    Off,
+    /// When gem is PID 1 (a container's init), whose exit would end every process of
+    /// its namespace (`"auto"`).
+    #[default]
+    Auto,
+}
+
+impl Supervise {
+    /// Whether this process should supervise.
+    pub fn enabled(self) -> bool {
+        match self {
+            Supervise::On => true,
+            Supervise::Off => false,
+            Supervise::Auto => std::process::id() == 1,
+        }
+    }
 }
 
 impl Default for Config {
@@ -135,6 +166,8 @@ impl Default for Config {
             pid_file: None,
             control_socket: None,
             limits: Limits::default(),
+            supervise: Supervise::Auto,
+            probation: Duration::from_secs(3),
             signals: SignalRegistry::default(),
         }
     }
