@@ -58,6 +58,9 @@ fn a_new_generation_that_dies_in_probation_is_rolled_back() {
         old,
         "status names the process serving again"
     );
+    wait_for("the pid file to name the old process again", || {
+        (gem.pid() == old).then_some(())
+    });
 
     let (status, out, err) = reload.join().unwrap();
     assert_eq!(status.code(), Some(1), "stdout: {out}\nstderr: {err}");
