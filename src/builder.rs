@@ -244,3 +244,26 @@ pub fn report_startup_failure(reason: &str) {
         crate::upgrade::ReadyChannel::new(ready).fail(reason);
     }
 }
+
+/// How `gem serve` should run this process, from what it inherited (call
+/// [`crate::claim_handover`] first).
+#[derive(Debug)]
+pub enum Role {
+    /// A worker of a supervisor, with the configuration the supervisor handed it.
+    Worker(Box<Config>),
+    /// A supervisor that re-executed itself: supervise again.
+    Supervisor,
+    /// Nothing inherited from a supervisor: load the configuration and decide.
+    Fresh,
+}
+
+/// What this process was started as. A worker's configuration is the one its
+/// supervisor loaded (it reached ready before, or is the one being upgraded to), not
+/// what is on disk now.
+pub fn role() -> Result<Role, crate::config::ConfigError> {
+    match crate::handover::claimed_role() {
+        (Some(json), _) => Ok(Role::Worker(Box::new(Config::from_json(&json)?))),
+        (None, true) => Ok(Role::Supervisor),
+        (None, false) => Ok(Role::Fresh),
+    }
+}

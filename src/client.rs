@@ -49,8 +49,9 @@ fn unreachable(err: &ClientError) -> ExitCode {
 
 pub fn reload(config: &Config, timeout: Option<Duration>) -> anyhow::Result<ExitCode> {
     let path = socket(config)?;
-    let deadline =
-        Instant::now() + timeout.unwrap_or(config.upgrade_timeout + Duration::from_secs(10));
+    // The answer comes once the probation is over.
+    let deadline = Instant::now()
+        + timeout.unwrap_or(config.upgrade_timeout + config.probation + Duration::from_secs(10));
     let mut reply = match ask(path, Command::Reload, remaining(deadline)) {
         Ok(reply) => reply,
         Err(err) => return Ok(unreachable(&err)),
@@ -81,11 +82,84 @@ pub fn reload(config: &Config, timeout: Option<Duration>) -> anyhow::Result<Exit
             );
             ExitCode::SUCCESS
         }
+        ReplyBody::Failed { reason, .. } if reason.starts_with("rolled back") => {
+            println!("{reason}");
+            ExitCode::FAILURE
+        }
         ReplyBody::Failed { reason, pid } => {
             println!("upgrade failed: {reason}; pid {pid} still serving");
             ExitCode::FAILURE
         }
         other => anyhow::bail!("unexpected answer to reload: {other:?}"),
+    })
+}
+
+/// `gem reload --binary`: the supervisor re-executes its binary in place. Success shows
+/// as the connection closing without an answer (the exec closed it), then the same pid
+/// answering `status` with its `execs` one higher.
+pub fn reexec(config: &Config, timeout: Option<Duration>) -> anyhow::Result<ExitCode> {
+    let path = socket(config)?;
+    let deadline = Instant::now() + timeout.unwrap_or(Duration::from_secs(30));
+    let before = match supervisor_status(path, remaining(deadline)) {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            println!(
+                "re-executing failed: this gem runs without a supervisor (gem serve --supervise)"
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+        Err(err) => return Ok(unreachable(&err)),
+    };
+    match ask(path, Command::Reexec, remaining(deadline)) {
+        Ok(Reply {
+            body: ReplyBody::Failed { reason, .. },
+            ..
+        }) => {
+            println!("{reason}; supervisor {} carries on", before.pid);
+            return Ok(ExitCode::FAILURE);
+        }
+        Ok(other) => anyhow::bail!("unexpected answer to reexec: {:?}", other.body),
+        // The exec closed the connection.
+        Err(ClientError::BadAnswer { .. }) => {}
+        Err(err) => return Ok(unreachable(&err)),
+    }
+    loop {
+        match supervisor_status(path, remaining(deadline)) {
+            Ok(Some(now)) if now.execs > before.execs => {
+                if now.pid != before.pid {
+                    anyhow::bail!(
+                        "the supervisor's pid changed from {} to {}",
+                        before.pid,
+                        now.pid
+                    );
+                }
+                println!(
+                    "re-executed: supervisor {} runs the new binary; {} workers kept",
+                    now.pid,
+                    now.workers.len()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            _ if Instant::now() >= deadline => {
+                println!(
+                    "re-executing: supervisor {} did not answer again in time",
+                    before.pid
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+fn supervisor_status(
+    path: &Path,
+    timeout: Duration,
+) -> Result<Option<control::SupervisorStatus>, ClientError> {
+    let reply = ask(path, Command::Status, timeout.min(Duration::from_secs(5)))?;
+    Ok(match reply.body {
+        ReplyBody::Status(s) => s.supervisor,
+        _ => None,
     })
 }
 
@@ -146,11 +220,13 @@ fn describe(s: &Status, now: SystemTime) -> String {
     if let Some(sha) = &p.sha256 {
         let _ = writeln!(out, "sha256:       {sha}");
     }
-    let _ = writeln!(
-        out,
-        "in flight:    {} requests on {} connections",
-        s.in_flight, s.connections
-    );
+    if s.supervisor.is_none() {
+        let _ = writeln!(
+            out,
+            "in flight:    {} requests on {} connections",
+            s.in_flight, s.connections
+        );
+    }
     match &s.last_upgrade {
         Some(u) => {
             let reason = match u.reason.as_str() {
@@ -166,6 +242,23 @@ fn describe(s: &Status, now: SystemTime) -> String {
         }
         None => {
             let _ = writeln!(out, "last upgrade: none by this process");
+        }
+    }
+    if let Some(sup) = &s.supervisor {
+        let crashes = match sup.crashes {
+            1 => "1 crash".to_owned(),
+            n => format!("{n} crashes"),
+        };
+        let next = sup.next_start_ms.map_or_else(String::new, |ms| {
+            format!("; next worker in {}", span_ms(ms))
+        });
+        let _ = writeln!(out, "supervisor:   pid {}, {crashes}{next}", sup.pid);
+        for w in &sup.workers {
+            let _ = writeln!(
+                out,
+                "worker:       pid {}, generation {}, {}",
+                w.pid, w.generation, w.state
+            );
         }
     }
     for d in &s.draining {
@@ -203,6 +296,15 @@ fn span(d: Duration) -> String {
         (0, _, _) => format!("{h} h {min} min"),
         (1, _, _) => format!("1 day {h} h"),
         _ => format!("{days} days {h} h"),
+    }
+}
+
+/// A short wait: `250 ms`, `4 s`.
+fn span_ms(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms} ms")
+    } else {
+        span(Duration::from_millis(ms))
     }
 }
 

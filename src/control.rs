@@ -94,6 +94,10 @@ pub enum Command {
     },
     /// Drain and exit; report how it went.
     Stop,
+    /// Supervisor only: re-execute the gem binary in place, keeping the pid, the
+    /// sockets and the workers. No reply on success (the connection closes with the
+    /// exec); `status` then shows `execs` one higher.
+    Reexec,
 }
 
 /// A reply line.
@@ -201,6 +205,35 @@ pub struct Status {
     pub last_upgrade: Option<LastUpgrade>,
     /// Older generations still draining.
     pub draining: Vec<Draining>,
+    /// In supervised mode: the supervisor and its workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supervisor: Option<SupervisorStatus>,
+}
+
+/// The supervisor, for `gem status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SupervisorStatus {
+    /// Its pid, which stays for the life of the service.
+    pub pid: u32,
+    /// Workers that died without being asked to, since the supervisor started.
+    pub crashes: u64,
+    /// Milliseconds until the next replacement worker starts, while one is due.
+    pub next_start_ms: Option<u64>,
+    /// How many times the supervisor re-executed its binary in place.
+    pub execs: u64,
+    /// Its workers.
+    pub workers: Vec<WorkerStatus>,
+}
+
+/// One worker, for `gem status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// Its pid.
+    pub pid: u32,
+    /// Its generation.
+    pub generation: u64,
+    /// `starting`, `serving`, `standby` (on probation, ready to resume) or `draining`.
+    pub state: String,
 }
 
 /// A command for the lifecycle loop, with where to send the reply.

@@ -105,6 +105,15 @@ impl Exec {
         }
     }
 
+    /// Replaces this very process (a supervisor re-executing itself; its pid stays).
+    /// Returns only on failure, with why.
+    pub(crate) fn exec_here(mut self) -> std::io::Error {
+        match self.exec_in_child() {
+            Err(e) => e,
+            Ok(()) => std::io::Error::other("execve returned"),
+        }
+    }
+
     /// In the child: record its pid, then replace it. Returns only on failure.
     fn exec_in_child(&mut self) -> std::io::Result<()> {
         let pid = rustix::process::getpid()

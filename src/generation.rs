@@ -330,11 +330,11 @@ async fn load_plugin(path: PathBuf, copy: Option<Arc<OwnedFd>>) -> Result<Arc<dy
                 ),
                 None => LoadedPlugin::load(&path),
             })
-                .await
-                .map_err(|e| Error::Io {
-                    context: "loading the plugin",
-                    source: std::io::Error::other(e.to_string()),
-                })??;
+            .await
+            .map_err(|e| Error::Io {
+                context: "loading the plugin",
+                source: std::io::Error::other(e.to_string()),
+            })??;
             Ok(Arc::new(loaded))
         }
     }
@@ -368,6 +368,11 @@ impl Generation {
         }
     }
 
+    /// The handler, as a worker reports it to its supervisor.
+    fn report_handler(&self) -> Option<crate::handler::HandlerInfo> {
+        matches!(self.role, Role::Worker { .. }).then(|| self.handler.info())
+    }
+
     /// The drain of what this generation serves now, to run on its own.
     pub(crate) fn drain_job(&self) -> DrainJob {
         DrainJob {
@@ -390,7 +395,9 @@ impl Generation {
         let drain = DrainSignal::new(self.config.idle_grace);
         let ctx = ServeContext::new(self.handler.clone(), self.config.limits, drain.clone());
         for (l, (_, fd)) in self.listening.iter_mut().zip(&self.handover.listeners) {
-            let fd = fd.try_clone().map_err(Error::io("duplicating a listener"))?;
+            let fd = fd
+                .try_clone()
+                .map_err(Error::io("duplicating a listener"))?;
             let listener = std::net::TcpListener::from(fd);
             listener
                 .set_nonblocking(true)
@@ -429,7 +436,7 @@ impl Generation {
     pub(crate) async fn announce(&self, ready: Option<ReadyChannel>) -> Option<Channel> {
         info!("Server started at process {}", self.pid);
         match ready {
-            Some(channel) => match channel.ready().await {
+            Some(channel) => match channel.ready(self.report_handler()).await {
                 Ok(stream) => Some(stream),
                 Err(err) => {
                     // The old process is gone: this one is all there is, so it serves on.

@@ -10,7 +10,7 @@
 //! process has one thread, as in `gem serve`, which claims them first thing).
 #![allow(unsafe_code)]
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::TcpListener;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -115,6 +115,18 @@ pub(crate) struct Inherited {
     pub(crate) generation: u64,
     /// For a worker: its supervisor's pid, config (JSON) and plugin copy.
     pub(crate) worker: Option<WorkerFds>,
+    /// For a supervisor that re-executed itself: its saved state.
+    pub(crate) supervisor_state: Option<SavedState>,
+}
+
+/// A re-executed supervisor's saved state (JSON, see `supervisor::Saved`) and the fds
+/// its `fds` list names, claimed.
+#[derive(Debug)]
+pub(crate) struct SavedState {
+    /// The state.
+    pub(crate) json: String,
+    /// The fds it names, by number.
+    pub(crate) fds: HashMap<RawFd, OwnedFd>,
 }
 
 /// What a supervisor hands its worker besides the sockets.
@@ -137,6 +149,7 @@ impl Inherited {
             ready: None,
             generation: 1,
             worker: None,
+            supervisor_state: None,
         }
     }
 }
@@ -159,6 +172,20 @@ pub fn claim_handover() {
     let mut claim = CLAIM.lock().unwrap_or_else(PoisonError::into_inner);
     if claim.is_none() {
         *claim = Some(Claim::Held(claim_now()));
+    }
+}
+
+/// What the claim says about this process's role: the config a supervisor handed this
+/// worker (JSON), and whether this is a supervisor that re-executed itself.
+pub(crate) fn claimed_role() -> (Option<String>, bool) {
+    claim_handover();
+    let claim = CLAIM.lock().unwrap_or_else(PoisonError::into_inner);
+    match &*claim {
+        Some(Claim::Held(Ok(inherited))) => (
+            inherited.worker.as_ref().map(|w| w.config.clone()),
+            inherited.supervisor_state.is_some(),
+        ),
+        _ => (None, false),
     }
 }
 
@@ -204,6 +231,23 @@ fn claim_gem(fds_value: &str) -> Result<Inherited, FdError> {
     named.extend(control.map(|fd| (fd, ENV_CONTROL_FD)));
     named.extend(ready.map(|fd| (fd, ENV_READY_FD)));
     named.extend(plugin.map(|fd| (fd, ENV_PLUGIN_FD)));
+    let saved = env(ENV_SUPERVISOR_STATE);
+    let saved_fds = match &saved {
+        Some(json) => {
+            #[derive(serde::Deserialize)]
+            struct Fds {
+                fds: Vec<RawFd>,
+            }
+            serde_json::from_str::<Fds>(json)
+                .map_err(|e| FdError::BadEnv {
+                    var: ENV_SUPERVISOR_STATE,
+                    value: e.to_string(),
+                })?
+                .fds
+        }
+        None => Vec::new(),
+    };
+    named.extend(saved_fds.iter().map(|fd| (*fd, ENV_SUPERVISOR_STATE)));
     check_distinct(&named)?;
     let mut inherited = Inherited::fresh();
     for (fd, label) in pairs {
@@ -221,6 +265,13 @@ fn claim_gem(fds_value: &str) -> Result<Inherited, FdError> {
         let owned = claim(fd, ENV_READY_FD)?;
         check_stream(fd, &owned)?;
         inherited.ready = Some(UnixStream::from(owned));
+    }
+    if let Some(json) = saved {
+        let mut fds = HashMap::new();
+        for fd in saved_fds {
+            fds.insert(fd, claim(fd, ENV_SUPERVISOR_STATE)?);
+        }
+        inherited.supervisor_state = Some(SavedState { json, fds });
     }
     if let (Some(supervisor), Some(config), Some(fd)) =
         (env(ENV_SUPERVISOR), env(ENV_CONFIG), plugin)

@@ -44,10 +44,11 @@ mod runner;
 mod server;
 mod service;
 pub mod signals;
+mod supervisor;
 mod upgrade;
 mod wire;
 
-pub use builder::{Builder, Server, check, report_startup_failure};
+pub use builder::{Builder, Role, Server, check, report_startup_failure, role};
 pub use config::{Config, ServerConfig};
 pub use error::Error;
 pub use generation::Exit;
@@ -57,4 +58,5 @@ pub use inline::runtime;
 pub use lifecycle::Phase;
 pub use plugin::PluginError;
 pub use signals::{Action, Signal, SignalRegistry};
+pub use supervisor::{Loader, supervise};
 pub use upgrade::UpgradeError;

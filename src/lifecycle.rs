@@ -235,7 +235,12 @@ impl Lifecycle {
         if let Some(why) = why {
             let waiters = self.on_probation.take().map(|(_, w)| w).unwrap_or_default();
             let child = self.last_upgrade.as_ref().and_then(|u| u.pid);
-            self.record(Reply::error(why.clone(), self.me.pid), waiters, child, why.clone());
+            self.record(
+                Reply::error(why.clone(), self.me.pid),
+                waiters,
+                child,
+                why.clone(),
+            );
             if let Some(last) = &mut self.last_upgrade {
                 last.result = "rolled back".into();
                 if let Some(rest) = why.strip_prefix("rolled back: ") {
@@ -334,6 +339,12 @@ impl Lifecycle {
                 self.request_restart(Some(call.reply), out);
             }
             Command::WaitUpgrade { generation } => self.wait_upgrade(generation, call.reply),
+            Command::Reexec => {
+                let _ = call.reply.send(Reply::error(
+                    "only a supervisor re-executes its binary (gem serve --supervise)",
+                    pid,
+                ));
+            }
             Command::Stop => {
                 info!("[{pid}] stop requested on the control socket.");
                 self.stop_waiters.push(call.reply);
@@ -556,6 +567,7 @@ impl Lifecycle {
                     connections: *connections,
                 })
                 .collect(),
+            supervisor: None,
         }
     }
 }

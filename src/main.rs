@@ -32,9 +32,9 @@ enum Command {
     Serve(ServeArgs),
     /// Validate the config and load the plugin, print the effective settings, serve nothing.
     Check(ServeArgs),
-    /// Upgrade the running server and wait for the outcome (exit 0 upgraded, 1 failed,
-    /// 2 no server answered).
-    Reload(ClientArgs),
+    /// Upgrade the running server and wait for the outcome, after the probation (exit 0
+    /// upgraded, 1 failed or rolled back, 2 no server answered).
+    Reload(ReloadArgs),
     /// Drain the running server and wait for it to exit.
     Stop(ClientArgs),
     /// Show the running server's pid, generation, plugin, load and last upgrade.
@@ -49,6 +49,17 @@ struct ClientArgs {
     /// wait_timeout (stop)].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     timeout: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+struct ReloadArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Instead of starting a new generation, make the supervisor re-execute the gem
+    /// binary at the path it was started from, in place: same pid, sockets and workers
+    /// (supervised mode only).
+    #[arg(long)]
+    binary: bool,
 }
 
 #[derive(Debug, Args)]
@@ -101,10 +112,21 @@ struct ServeArgs {
     #[arg(long, value_name = "DURATION")]
     #[serde(skip_serializing_if = "Option::is_none")]
     upgrade_timeout: Option<String>,
-    /// Where the serving process writes its pid.
+    /// Where the serving process (the supervisor, when supervised) writes its pid.
     #[arg(long, value_name = "FILE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pid_file: Option<PathBuf>,
+    /// Run a supervisor that keeps its pid and the sockets, and serves through worker
+    /// processes it restarts if they crash (the `supervise` setting; "auto", the
+    /// default, turns it on when gem is PID 1).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    supervise: bool,
+    /// How long the old generation stays loaded after an upgrade, ready to serve again
+    /// if the new one dies; 0s turns it off.
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    probation: Option<String>,
 }
 
 impl ServeArgs {
@@ -119,7 +141,10 @@ fn main() -> ExitCode {
     let result: anyhow::Result<ExitCode> = (|| match cli.command {
         Command::Serve(args) => serve(&args),
         Command::Check(args) => check(&args),
-        Command::Reload(args) => client::reload(&args.config.load()?, args.timeout),
+        Command::Reload(args) if args.binary => {
+            client::reexec(&args.client.config.load()?, args.client.timeout)
+        }
+        Command::Reload(args) => client::reload(&args.client.config.load()?, args.client.timeout),
         Command::Stop(args) => client::stop(&args.config.load()?, args.timeout),
         Command::Status(args) => client::status(&args.config.load()?, args.json),
     })();
@@ -165,7 +190,17 @@ fn init_logging() {
 fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     // While this process has one thread, so the handover variables can be removed.
     gem::claim_handover();
-    let config = match args.load() {
+    let role = gem::role();
+    let loaded = match &role {
+        Ok(gem::Role::Worker(config)) => Ok((**config).clone()),
+        Err(err) => Err(gem::config::ConfigError::Invalid {
+            key: "(the configuration handed over by the supervisor)".into(),
+            origin: String::new(),
+            message: err.to_string(),
+        }),
+        Ok(_) => args.load(),
+    };
+    let config = match loaded {
         Ok(config) => config,
         Err(err) => {
             gem::report_startup_failure(&err.to_string());
@@ -176,6 +211,21 @@ fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         warn!("ignoring environment variable {var}: not a gem setting");
     }
     let runtime = gem::runtime().context("starting the async runtime")?;
+    let supervise = match role {
+        Ok(gem::Role::Supervisor) => true,
+        Ok(gem::Role::Fresh) => config.supervise.enabled(),
+        _ => false,
+    };
+    if supervise {
+        let loader = {
+            let file = args.config.config.clone();
+            let flags = serde_json::to_value(args)?;
+            Box::new(move || Config::load(file.as_deref(), &flags))
+        };
+        runtime.block_on(gem::supervise(config, loader))?;
+        runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+        return Ok(ExitCode::SUCCESS);
+    }
     let exit = runtime.block_on(Server::from_config(config).run());
     // A handler still blocked after the drain (cut at wait_timeout) must not hold the
     // exit; its connection is already gone.

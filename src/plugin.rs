@@ -239,13 +239,10 @@ fn open_private_copy(
     source: &Path,
 ) -> Result<(&'static Library, std::fs::File), PluginError> {
     let memfd = sealed_copy(path, source)?;
-    let copy = memfd
-        .as_file()
-        .try_clone()
-        .map_err(|e| PluginError::Copy {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })?;
+    let copy = memfd.as_file().try_clone().map_err(|e| PluginError::Copy {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
     let fd_path = format!("/proc/self/fd/{}", memfd.as_raw_fd());
     // SAFETY: loading runs the library's initialisers. A gem plugin is trusted code by
     // design (it serves every request); this is the one point where it starts running.

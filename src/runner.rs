@@ -20,9 +20,9 @@ use crate::generation::{Exit, Generation};
 use crate::lifecycle::{Action, Ending, Event, Lifecycle, Phase};
 use crate::service::{notify, remove_pid_file, write_pid_file};
 use crate::signals::Signal;
+use crate::supervisor::seconds;
 use crate::upgrade::{
-    Channel, FromParent, Handover, Launch, UpgradeError, Upgraded, describe_exit,
-    next_from_parent,
+    Channel, FromParent, Handover, Launch, UpgradeError, Upgraded, describe_exit, next_from_parent,
 };
 
 /// Starts the next generation.
@@ -322,7 +322,7 @@ async fn on_probation<S: Stream<Item = Signal> + Unpin>(
                 return Verdict::Died(why);
             }
             () = tokio::time::sleep_until(over) => {
-                info!("[{pid}] probation over: process {to} has served for {}.", humantime::format_duration(probation));
+                info!("[{pid}] probation over: process {to} has served for {}.", seconds(probation));
                 life.probation_passed();
                 return Verdict::Over;
             }
@@ -360,7 +360,10 @@ async fn stand_by<S: Stream<Item = Signal> + Unpin>(
                 return Verdict::Over;
             }
             Some(Event::Signal(sig)) if life.is_shutdown(sig) => {
-                info!("[{pid}] received signal {:?} on standby; exiting once drained.", sig.description());
+                info!(
+                    "[{pid}] received signal {:?} on standby; exiting once drained.",
+                    sig.description()
+                );
                 return Verdict::Over;
             }
             Some(event) => {
@@ -392,15 +395,6 @@ fn resume<S: Stream<Item = Signal> + Unpin>(
         }
     }
     Ok(())
-}
-
-/// `1.2s`, `250ms`: a short span, to a tenth of a second above one.
-fn seconds(d: Duration) -> String {
-    if d < Duration::from_secs(1) {
-        format!("{}ms", d.as_millis())
-    } else {
-        format!("{:.1}s", d.as_secs_f64())
-    }
 }
 
 /// Turns a finished upgrade task into an event, keeping the new process's handle.

@@ -24,6 +24,8 @@ pub(crate) enum Notice {
     },
     /// A final drain began.
     Stopping,
+    /// Just a `STATUS=` line.
+    Status(String),
 }
 
 /// Sends `notice` to systemd; a no-op without `NOTIFY_SOCKET`.
@@ -40,6 +42,7 @@ pub(crate) fn notify(notice: &Notice) {
         },
         Notice::HandedOver { pid } => sd_notify::notify(&[S::MainPid(*pid), S::Ready]),
         Notice::Stopping => sd_notify::notify(&[S::Stopping]),
+        Notice::Status(status) => sd_notify::notify(&[S::Status(status)]),
     };
     if let Err(err) = result {
         debug!(cause = %err, "sd_notify failed");

@@ -22,6 +22,7 @@ use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
 use crate::exec::Exec;
+use crate::handler::HandlerInfo;
 use crate::handover::ChildFds;
 use crate::wire::{Wire, WireError};
 
@@ -155,6 +156,10 @@ pub(crate) enum Report {
     Ready {
         /// Its pid.
         pid: u32,
+        /// Its handler (from a supervisor's worker, which loads what the supervisor
+        /// does not).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        handler: Option<crate::handler::HandlerInfo>,
     },
     /// It could not start, and why.
     Failed {
@@ -193,7 +198,6 @@ pub(crate) enum FromParent {
         signal: i32,
     },
 }
-
 
 /// The channel between two generations, read as [`crate::wire`] lines.
 pub(crate) type Channel = Wire<UnixStream>;
@@ -382,7 +386,7 @@ impl Handover {
         };
         let outcome = await_ready(&mut channel, pid, self.timeout, &cancel, died).await;
         match outcome {
-            Ok(()) => Ok(Upgraded::new(pid, channel, guard.disarm())),
+            Ok(_) => Ok(Upgraded::new(pid, channel, guard.disarm())),
             Err(err) => {
                 guard.kill().await;
                 Err(err)
@@ -399,7 +403,7 @@ pub(crate) async fn await_ready(
     timeout: Duration,
     cancel: &CancellationToken,
     died: impl std::future::Future<Output = String>,
-) -> Result<(), UpgradeError> {
+) -> Result<Option<HandlerInfo>, UpgradeError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let timed_out = || UpgradeError::Timeout {
         pid,
@@ -445,13 +449,12 @@ fn describe(status: &std::io::Result<ExitStatus>) -> String {
     }
 }
 
-fn read_report(pid: u32, msg: Msg<Report>) -> Result<(), UpgradeError> {
+fn read_report(pid: u32, msg: Msg<Report>) -> Result<Option<HandlerInfo>, UpgradeError> {
     match msg.body {
-        Report::Ready { .. } => Ok(()),
+        Report::Ready { handler, .. } => Ok(handler),
         Report::Failed { reason } => Err(UpgradeError::ChildFailed { pid, reason }),
     }
 }
-
 
 /// The child's side of the channel to the parent that is waiting for it.
 #[derive(Debug)]
@@ -465,10 +468,15 @@ impl ReadyChannel {
 
     /// Tells the parent this process serves; returns the channel on which the parent
     /// sends what happens afterwards (a forwarded restart, its drain's progress).
-    pub(crate) async fn ready(self) -> Result<Channel, WireError> {
+    pub(crate) async fn ready(
+        self,
+        handler: Option<crate::handler::HandlerInfo>,
+    ) -> Result<Channel, WireError> {
         let mut channel = Wire::from_std(self.0, MAX_LINE)?;
         let pid = std::process::id();
-        channel.send(&Msg::new(Report::Ready { pid })).await?;
+        channel
+            .send(&Msg::new(Report::Ready { pid, handler }))
+            .await?;
         Ok(channel)
     }
 

@@ -3,7 +3,11 @@ use super::*;
 
 #[test]
 fn the_wire_format_is_versioned_json() {
-    let ready = serde_json::to_string(&Msg::new(Report::Ready { pid: 5 })).unwrap();
+    let ready = serde_json::to_string(&Msg::new(Report::Ready {
+        pid: 5,
+        handler: None,
+    }))
+    .unwrap();
     assert_eq!(ready, r#"{"v":1,"msg":"ready","pid":5}"#);
     let msg = Msg::new(FromParent::Draining {
         pid: 12,

@@ -63,6 +63,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Wire<T> {
         }
     }
 
+    /// The connection underneath.
+    pub(crate) fn get_ref(&self) -> &T {
+        self.framed.get_ref()
+    }
+
     /// Sends `msg` as one line and flushes it.
     pub(crate) async fn send<M: Serialize>(&mut self, msg: &M) -> Result<(), WireError> {
         let line = serde_json::to_string(msg).map_err(WireError::Encode)?;

@@ -279,6 +279,24 @@ impl Config {
         Ok(config)
     }
 
+    /// The configuration a supervisor hands its worker (see [`Config::to_json`]), with
+    /// no pid file or control socket: those are the supervisor's.
+    pub fn from_json(json: &str) -> Result<Config, ConfigError> {
+        let value: serde_json::Value = serde_json::from_str(json)
+            .map_err(|e| ConfigError::from(figment::Error::from(e.to_string())))?;
+        let figment = Figment::from(figment::providers::Serialized::defaults(value));
+        let mut config = Config::extract(&figment)?;
+        config.pid_file = None;
+        config.control_socket = None;
+        Ok(config)
+    }
+
+    /// This configuration as JSON, for a worker.
+    pub fn to_json(&self) -> Result<String, ConfigError> {
+        serde_json::to_string(self)
+            .map_err(|e| ConfigError::from(figment::Error::from(e.to_string())))
+    }
+
     /// The defaults of `gem serve`: [`Config::default`] with a pid file.
     fn serving_defaults() -> Config {
         Config {
