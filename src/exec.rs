@@ -173,7 +173,7 @@ mod tests {
         )?;
         let mut cmd = tokio::process::Command::new(exe);
         cmd.stdout(std::process::Stdio::piped());
-        exec.install(&mut cmd);
+        exec.install(cmd.as_std_mut());
         cmd.output().await
     }
 

@@ -10,6 +10,9 @@ fn lifecycle() -> (Lifecycle, watch::Receiver<Phase>) {
         started: Instant::now(),
         listen: Vec::new(),
         handler: Arc::new(FnHandler::new("t", |_| Response::text(200, "x"))),
+        role: Role::Alone {
+            probation: Duration::ZERO,
+        },
     };
     let phase = watch::Sender::new(Phase::Starting);
     let rx = phase.subscribe();

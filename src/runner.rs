@@ -180,9 +180,17 @@ pub(crate) async fn run<P: Spawner>(
                         }
                         Verdict::Over => {}
                     }
-                    Drain::HandedOver { to, child, drain }
+                    Drain::HandedOver {
+                        to,
+                        child: Box::new(child),
+                        drain,
+                    }
                 }
-                None => Drain::HandedOver { to, child, drain },
+                None => Drain::HandedOver {
+                    to,
+                    child: Box::new(child),
+                    drain,
+                },
             },
             (Ending::Standby, _) => match stand_by(&mut life, &mut sources).await {
                 Verdict::Died(_) => {
@@ -278,7 +286,7 @@ enum Drain {
     /// After a handover: the new process is told how the drain goes.
     HandedOver {
         to: u32,
-        child: Upgraded,
+        child: Box<Upgraded>,
         drain: JoinHandle<usize>,
     },
     /// A final one.
@@ -458,7 +466,7 @@ async fn finish<S: Stream<Item = Signal> + Unpin>(
             Drain::HandedOver { to, child, drain } => {
                 let done = CancellationToken::new();
                 let relay = tokio::spawn(relay_drain(
-                    child,
+                    *child,
                     parent,
                     generation.drain.clone(),
                     done.clone(),

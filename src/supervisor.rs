@@ -746,9 +746,7 @@ impl Supervisor {
             match wait(WaitOptions::NOHANG) {
                 Ok(Some((pid, status))) => {
                     let pid = pid.as_raw_nonzero().get().unsigned_abs();
-                    let status = std::os::unix::process::ExitStatusExt::from_raw(
-                        i32::try_from(status.as_raw()).unwrap_or(i32::MAX),
-                    );
+                    let status = std::os::unix::process::ExitStatusExt::from_raw(status.as_raw());
                     self.exited(pid, status).await;
                 }
                 Ok(None) => return,

@@ -139,7 +139,8 @@ fn status_matches_reality() {
 
 #[test]
 fn status_lists_older_generations_still_draining() {
-    let (mut gem, _) = swappable("", &[]);
+    // Without a probation, `reload` answers while the old generation still drains.
+    let (mut gem, _) = swappable("probation = \"0s\"\n", &[]);
     let old = gem.pid();
     let request = spawn_get(gem.addr, "/sleep?ms=3000");
     wait_for("the request to be in flight", || {
