@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod load;
+pub mod supervise;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
