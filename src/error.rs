@@ -58,6 +58,9 @@ pub enum Error {
         source: std::io::Error,
     },
     /// Any other I/O failure, with what was being done.
+    /// A supervisor's first worker failed to start: nothing ever served.
+    #[error("the first worker failed to start: {0}")]
+    FirstWorker(String),
     #[error("{context}: {source}")]
     Io {
         /// What gem was doing.

@@ -45,8 +45,8 @@ enum Command {
 struct ClientArgs {
     #[command(flatten)]
     config: ConfigArgs,
-    /// How long to wait for the outcome [default: 10s more than upgrade_timeout (reload) or
-    /// wait_timeout (stop)].
+    /// How long to wait for the outcome [default: 10s more than upgrade_timeout plus
+    /// probation (reload) or wait_timeout (stop)].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     timeout: Option<Duration>,
 }

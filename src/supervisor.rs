@@ -186,8 +186,11 @@ impl Worker {
 enum Purpose {
     /// A restart, with the `gem reload` clients waiting for it.
     Upgrade(Vec<oneshot::Sender<Reply>>),
-    /// A replacement for one that died (or for the first start).
+    /// A replacement for one that died.
     Replace,
+    /// The first worker: if it fails, the supervisor stops with its error, as
+    /// `gem serve` without a supervisor would.
+    First,
 }
 
 /// A worker being started.
@@ -241,6 +244,8 @@ struct Supervisor {
     stopping: Option<tokio::time::Instant>,
     stop_waiters: Vec<oneshot::Sender<Reply>>,
     ready_told: bool,
+    /// Why the supervisor stops on its own (its first worker failed).
+    fatal: Option<String>,
 }
 
 /// Runs the supervisor until a shutdown: `config` is the configuration loaded at start,
@@ -271,6 +276,7 @@ pub async fn supervise(config: Config, loader: Loader) -> Result<(), Error> {
         stopping: None,
         stop_waiters: Vec::new(),
         ready_told: false,
+        fatal: None,
     };
     let (tx, mut calls) = mpsc::channel(16);
     let control_stop = CancellationToken::new();
@@ -282,9 +288,14 @@ pub async fn supervise(config: Config, loader: Loader) -> Result<(), Error> {
             info!(
                 "[{pid}] supervising: this process keeps the sockets; each generation is a worker process."
             );
-            if let Some(path) = &sup.config.pid_file {
-                write_pid_file(path, pid)?;
-            }
+            // Sockets from systemd's socket activation, if any.
+            let activated: Vec<(String, OwnedFd)> = inherited
+                .listeners
+                .into_iter()
+                .map(|(label, l)| (label, OwnedFd::from(l)))
+                .collect();
+            // Everything that can fail on bad input first: nothing is left behind then.
+            let spec = Arc::new(Spec::new(sup.config.clone(), &activated)?);
             if let Some(path) = &sup.control_path {
                 let listener = control::bind(path).map_err(|source| Error::File {
                     path: path.clone(),
@@ -292,14 +303,10 @@ pub async fn supervise(config: Config, loader: Loader) -> Result<(), Error> {
                 })?;
                 sup.control_fd = Some(OwnedFd::from(listener));
             }
-            // Sockets from systemd's socket activation, if any.
-            let activated: Vec<(String, OwnedFd)> = inherited
-                .listeners
-                .into_iter()
-                .map(|(label, l)| (label, OwnedFd::from(l)))
-                .collect();
-            let spec = Arc::new(Spec::new(sup.config.clone(), &activated)?);
-            sup.start(spec, Purpose::Replace);
+            if let Some(path) = &sup.config.pid_file {
+                write_pid_file(path, pid)?;
+            }
+            sup.start(spec, Purpose::First);
         }
     }
     if let Some(fd) = &sup.control_fd {
@@ -384,6 +391,9 @@ pub async fn supervise(config: Config, loader: Loader) -> Result<(), Error> {
     }
     answers.close();
     let _ = tokio::time::timeout(Duration::from_secs(1), answers.wait()).await;
+    if let Some(why) = sup.fatal {
+        return Err(Error::FirstWorker(why));
+    }
     info!("[{pid}] all workers have exited; the supervisor exits.");
     Ok(())
 }
@@ -438,7 +448,9 @@ impl Supervisor {
             Err(err) => {
                 let what = match purpose {
                     Purpose::Upgrade(_) => err.to_string(),
-                    Purpose::Replace => format!("could not start a worker: {err}"),
+                    Purpose::Replace | Purpose::First => {
+                        format!("could not start a worker: {err}")
+                    }
                 };
                 self.start_failed(spec, purpose, &what);
             }
@@ -488,6 +500,11 @@ impl Supervisor {
                 if self.stopping.is_none() {
                     self.crashed(spec, why, None);
                 }
+            }
+            Purpose::First => {
+                error!("[{pid}] {why}; nothing serves, so the supervisor stops.");
+                self.fatal = Some(why.to_owned());
+                self.stopping = Some(tokio::time::Instant::now() + KILL_GRACE);
             }
         }
     }
@@ -584,10 +601,14 @@ impl Supervisor {
                 let generation = starting.generation;
                 let what = match (&starting.purpose, why) {
                     (Purpose::Upgrade(_), why) => why.to_string(),
-                    (Purpose::Replace, UpgradeError::ChildExited { status, .. }) => format!(
+                    (
+                        Purpose::Replace | Purpose::First,
+                        UpgradeError::ChildExited { status, .. },
+                    ) => format!(
                         "worker {pid} (generation {generation}) died ({status}) before it was ready"
                     ),
-                    (Purpose::Replace, why) => format!(
+                    (Purpose::First, UpgradeError::ChildFailed { reason, .. }) => reason.clone(),
+                    (Purpose::Replace | Purpose::First, why) => format!(
                         "worker {pid} (generation {generation}) failed before it was ready: {why}"
                     ),
                 };
@@ -675,7 +696,7 @@ impl Supervisor {
                 }
                 self.run_follow_up();
             }
-            Purpose::Replace => {}
+            Purpose::Replace | Purpose::First => {}
         }
     }
 
