@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::access_log::AccessLog;
 use crate::config::{Config, ListenAddr};
 use crate::control::{self, Call};
 use crate::drain::{DrainOutcome, DrainSignal};
@@ -21,6 +22,7 @@ use crate::handler::Handler;
 use crate::handover::Inherited;
 use crate::lifecycle::{Identity, Role};
 use crate::listeners::open_listeners;
+use crate::metrics::Metrics;
 use crate::plugin::LoadedPlugin;
 use crate::server::{ServeContext, accept_loop};
 use crate::service::{Notice, notify, write_pid_file};
@@ -125,6 +127,8 @@ pub(crate) struct Generation {
     /// The process that handed over to this one, for generations after the first.
     pub(crate) parent_pid: Option<u32>,
     pub(crate) role: Role,
+    pub(crate) access_log: Option<crate::access_log::AccessLog>,
+    pub(crate) metrics: crate::metrics::Metrics,
 }
 
 /// Loads the handler, opens the listeners and the control socket, starts accepting.
@@ -187,6 +191,8 @@ async fn start_serving(
             addr: addr.spec,
             source,
         })?;
+    let access_log = AccessLog::open(&config.access_log, config.access_log_format)?;
+    let metrics = Metrics::new(number, &handler.info());
     let drain = DrainSignal::new(config.idle_grace);
     let ctx = ServeContext::new(handler.clone(), config.limits, drain.clone());
     // Everything that can fail happens before the first accept: a process that fails
@@ -232,6 +238,8 @@ async fn start_serving(
         parent_pid: (number > 1 && matches!(role, Role::Alone { .. }))
             .then(std::os::unix::process::parent_id),
         role,
+        access_log,
+        metrics,
     })
 }
 
@@ -365,6 +373,13 @@ impl Generation {
             listen: self.listening.iter().map(|l| l.local.to_string()).collect(),
             handler: self.handler.clone(),
             role: self.role,
+        }
+    }
+
+    /// Reopens the access log (logrotate moved the file).
+    pub(crate) fn reopen_log(&self) {
+        if let Some(log) = &self.access_log {
+            log.reopen();
         }
     }
 

@@ -26,6 +26,7 @@
 //! - `service`: the pid file and systemd notifications.
 
 mod accept;
+mod access_log;
 mod builder;
 pub mod config;
 mod conns;
@@ -39,6 +40,7 @@ mod handover;
 mod inline;
 mod lifecycle;
 mod listeners;
+mod metrics;
 mod plugin;
 mod runner;
 mod server;

@@ -65,6 +65,8 @@ pub(crate) enum Action {
     ForwardRestart,
     /// Call the handler's `on_signal` hook with this signal.
     CallHook(Signal),
+    /// Reopen the access log.
+    ReopenLog,
     /// Tell systemd.
     Notify(Notice),
     /// Write this process's pid into the pid file again (a failed child may have
@@ -326,6 +328,10 @@ impl Lifecycle {
                 info!("[{pid}] received signal {desc:?}; calling the handler's on_signal hook.");
                 out.push(Action::CallHook(sig));
             }
+            Some(SignalAction::Reopen) => {
+                info!("[{pid}] received signal {desc:?}; reopening the access log.");
+                out.push(Action::ReopenLog);
+            }
             Some(SignalAction::Ignore) | None => info!("[{pid}] ignored signal {desc:?}."),
         }
     }
@@ -364,6 +370,7 @@ impl Lifecycle {
                 self.end(Ending::Shutdown, out);
             }
             FromParent::Resume => {}
+            FromParent::Reopen => out.push(Action::ReopenLog),
             FromParent::Hook { signal } => {
                 if let Some(sig) = Signal::from_number(signal) {
                     info!(

@@ -269,6 +269,7 @@ async fn act(generation: &Generation, action: Action, upgraded: Option<&mut Upgr
         }
         Action::Notify(notice) => notify(&notice),
         Action::RestorePidFile => restore_pid_file(generation),
+        Action::ReopenLog => generation.reopen_log(),
         Action::StartUpgrade { .. } | Action::Drain(_) => {}
     }
 }

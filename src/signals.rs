@@ -171,10 +171,12 @@ pub enum Action {
     Ignore,
     /// Call the handler plugin's `on_signal` hook.
     Plugin,
+    /// Reopen the access log file (after logrotate moved it).
+    Reopen,
 }
 
 impl Action {
-    const ALL: &'static str = "restart, shutdown, ignore, plugin";
+    const ALL: &'static str = "restart, shutdown, ignore, plugin, reopen";
 }
 
 impl fmt::Display for Action {
@@ -184,6 +186,7 @@ impl fmt::Display for Action {
             Action::Shutdown => "shutdown",
             Action::Ignore => "ignore",
             Action::Plugin => "plugin",
+            Action::Reopen => "reopen",
         })
     }
 }
@@ -197,6 +200,7 @@ impl FromStr for Action {
             "shutdown" => Ok(Action::Shutdown),
             "ignore" => Ok(Action::Ignore),
             "plugin" => Ok(Action::Plugin),
+            "reopen" => Ok(Action::Reopen),
             _ => Err(SignalError::UnknownAction {
                 action: s.to_owned(),
                 valid: Action::ALL,

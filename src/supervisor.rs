@@ -955,6 +955,12 @@ impl Supervisor {
                 }
                 None => warn!("[{me}] received signal {desc:?}, but no worker serves."),
             },
+            Some(SignalAction::Reopen) => {
+                info!("[{me}] received signal {desc:?}; workers reopen their access log.");
+                for w in self.workers.values_mut() {
+                    w.send(FromParent::Reopen).await;
+                }
+            }
             Some(SignalAction::Ignore) | None => info!("[{me}] ignored signal {desc:?}."),
         }
     }

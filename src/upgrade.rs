@@ -192,6 +192,8 @@ pub(crate) enum FromParent {
     Resume,
     /// From a supervisor: drain and exit.
     Stop,
+    /// From a supervisor: reopen the access log.
+    Reopen,
     /// From a supervisor: call the handler's `on_signal` hook with this signal.
     Hook {
         /// The signal number.

@@ -88,6 +88,28 @@ impl<'de> Deserialize<'de> for super::Supervise {
     }
 }
 
+impl Serialize for super::AccessLog {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            super::AccessLog::Off => s.serialize_str("off"),
+            super::AccessLog::Stderr => s.serialize_str("stderr"),
+            super::AccessLog::File(path) => path.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for super::AccessLog {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // A path is relative to the file it was written in, as the other paths.
+        let path = RelativePathBuf::deserialize(d)?;
+        Ok(match path.original().to_str() {
+            Some("off") | Some("") => super::AccessLog::Off,
+            Some("stderr") => super::AccessLog::Stderr,
+            _ => super::AccessLog::File(path.relative()),
+        })
+    }
+}
+
 /// A size in bytes: read as `"1 MiB"`, `"64KiB"` or a number; written exactly, in the
 /// largest binary unit that divides it (`"64 KiB"`, `"1000 B"`).
 pub(super) mod size {

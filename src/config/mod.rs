@@ -123,9 +123,44 @@ pub struct Config {
     /// resume serving if the new one dies; zero turns it off.
     #[serde(with = "format::duration")]
     pub probation: Duration,
+    /// Where gem serves `/metrics`, `/healthz` and `/readyz` (not the plugin); off
+    /// when unset.
+    pub metrics_listen: Option<ListenAddr>,
+    /// On a shutdown, how long `/readyz` answers 503 while gem still accepts and serves,
+    /// so that load balancers stop sending before the drain begins.
+    #[serde(with = "format::duration")]
+    pub shutdown_delay: Duration,
+    /// Where each request is logged: `"off"`, `"stderr"` or a file path.
+    pub access_log: AccessLog,
+    /// How: `"combined"` (Apache/nginx) or `"json"` (one object per line).
+    pub access_log_format: AccessLogFormat,
     /// What each signal does.
     #[serde(with = "format::signal_table")]
     pub signals: SignalRegistry,
+}
+
+/// The `access_log` setting.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum AccessLog {
+    /// No access log (`"off"`).
+    #[default]
+    Off,
+    /// To standard error (`"stderr"`).
+    Stderr,
+    /// Appended to this file (relative paths are relative to the config file).
+    File(PathBuf),
+}
+
+/// The `access_log_format` setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    /// The combined log format of Apache and nginx, with the duration in
+    /// microseconds, the protocol's generation and gem's generation appended.
+    #[default]
+    Combined,
+    /// One JSON object per line.
+    Json,
 }
 
 /// The `supervise` setting.
@@ -168,6 +203,10 @@ impl Default for Config {
             limits: Limits::default(),
             supervise: Supervise::Auto,
             probation: Duration::from_secs(3),
+            metrics_listen: None,
+            shutdown_delay: Duration::ZERO,
+            access_log: AccessLog::Off,
+            access_log_format: AccessLogFormat::Combined,
             signals: SignalRegistry::default(),
         }
     }
@@ -321,11 +360,20 @@ impl Config {
 
     /// The first rule broken, as (key, what is wrong).
     fn problem(&self) -> Option<(&'static str, &'static str)> {
+        let metrics_taken = self
+            .metrics_listen
+            .as_ref()
+            .is_some_and(|m| self.listen.iter().any(|l| l.addr == m.addr));
         [
             (
                 "listen",
                 self.listen.is_empty(),
                 "needs at least one address",
+            ),
+            (
+                "metrics_listen",
+                metrics_taken,
+                "is also an address of `listen`; metrics need an address of their own",
             ),
             ("wait_timeout", self.wait_timeout.is_zero(), POSITIVE),
             ("upgrade_timeout", self.upgrade_timeout.is_zero(), POSITIVE),
