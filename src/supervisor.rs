@@ -89,7 +89,7 @@ impl Spec {
             .map(|(label, fd)| Ok((label.clone(), TcpListener::from(fd.try_clone()?))))
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(Error::io("duplicating a listener"))?;
-        let listeners = open_listeners(&config.listen, inherited)
+        let listeners = open_listeners(&config.sockets(), inherited)
             .map_err(|(addr, source)| Error::Listen {
                 addr: addr.spec,
                 source,
@@ -109,6 +109,7 @@ impl Spec {
     fn local_addrs(&self) -> Vec<String> {
         self.listeners
             .iter()
+            .filter(|(label, _)| !label.starts_with(crate::config::METRICS_LABEL))
             .filter_map(|(_, fd)| {
                 let l = TcpListener::from(fd.try_clone().ok()?);
                 l.local_addr().ok().map(|a| a.to_string())
@@ -907,7 +908,12 @@ impl Supervisor {
             return;
         }
         notify(&Notice::Stopping);
-        self.stopping = Some(tokio::time::Instant::now() + self.config.wait_timeout + KILL_GRACE);
+        self.stopping = Some(
+            tokio::time::Instant::now()
+                + self.config.shutdown_delay
+                + self.config.wait_timeout
+                + KILL_GRACE,
+        );
         self.replace_at = None;
         if let Some(s) = &self.starting {
             s.cancel.cancel();
@@ -930,7 +936,16 @@ impl Supervisor {
         let me = self.pid;
         let desc = sig.description();
         if self.stopping.is_some() {
-            info!("[{me}] received signal {desc:?} while shutting down; nothing more to do.");
+            if self.config.signals.action(sig) == Some(SignalAction::Shutdown) {
+                info!(
+                    "[{me}] received signal {desc:?} again: the workers skip the rest of their shutdown delay."
+                );
+                for w in self.workers.values_mut() {
+                    w.send(FromParent::Stop).await;
+                }
+            } else {
+                info!("[{me}] received signal {desc:?} while shutting down; nothing more to do.");
+            }
             return;
         }
         match self.config.signals.action(sig) {
@@ -1063,6 +1078,7 @@ impl Supervisor {
                 execs: self.execs,
                 workers,
             }),
+            phase: Some(if self.stopping.is_some() { "draining" } else { "serving" }.into()),
         }
     }
 

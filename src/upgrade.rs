@@ -169,7 +169,7 @@ pub(crate) enum Report {
 }
 
 /// What the old process sends the new one after the handover.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "msg", rename_all = "snake_case")]
 pub(crate) enum FromParent {
     /// A restart request that arrived during the upgrade.
@@ -186,6 +186,9 @@ pub(crate) enum FromParent {
         /// Its pid.
         pid: u32,
     },
+    /// The counters of the generations before, for the new one to carry forward (the
+    /// latest replaces any earlier).
+    Totals(crate::metrics::Totals),
     /// From a supervisor: stop accepting and drain, but stay loaded (probation).
     Standby,
     /// From a supervisor: accept again (the generation that took over died).

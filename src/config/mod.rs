@@ -31,6 +31,9 @@ pub use server_config::ServerConfig;
 
 use crate::signals::SignalRegistry;
 
+/// How the metrics listener's label starts, in a handover.
+pub const METRICS_LABEL: &str = "metrics:";
+
 /// The config file read when `--config` is not given (a missing one is fine).
 pub const DEFAULT_CONFIG_FILE: &str = "gem.toml";
 
@@ -334,6 +337,17 @@ impl Config {
     pub fn to_json(&self) -> Result<String, ConfigError> {
         serde_json::to_string(self)
             .map_err(|e| ConfigError::from(figment::Error::from(e.to_string())))
+    }
+
+    /// Every socket to open: the `listen` addresses, then the metrics listener's, whose
+    /// label starts with [`METRICS_LABEL`] (so a handover tells them apart).
+    pub fn sockets(&self) -> Vec<ListenAddr> {
+        let mut all = self.listen.clone();
+        all.extend(self.metrics_listen.as_ref().map(|m| ListenAddr {
+            spec: format!("{METRICS_LABEL}{}", m.spec),
+            addr: m.addr,
+        }));
+        all
     }
 
     /// The defaults of `gem serve`: [`Config::default`] with a pid file.
