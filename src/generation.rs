@@ -502,7 +502,9 @@ impl Generation {
             self.observers.clone(),
         );
         if let Some((_, fd)) = &self.handover.metrics {
-            let fd = fd.try_clone().map_err(Error::io("duplicating a listener"))?;
+            let fd = fd
+                .try_clone()
+                .map_err(Error::io("duplicating a listener"))?;
             let listener = to_tokio(std::net::TcpListener::from(fd))?;
             tokio::spawn(crate::metrics::serve(
                 listener,

@@ -72,6 +72,10 @@ pub(crate) enum Action {
     ReopenLog,
     /// Count on from the generations before (their latest totals).
     CarryForward(crate::metrics::Totals),
+    /// Count an upgrade's outcome, as the supervisor saw it.
+    CountRestart(String),
+    /// The supervisor's crash count.
+    CountCrashes(u64),
     /// Tell systemd.
     Notify(Notice),
     /// Write this process's pid into the pid file again (a failed child may have
@@ -390,6 +394,8 @@ impl Lifecycle {
             }
             FromParent::Resume => {}
             FromParent::Totals(totals) => out.push(Action::CarryForward(totals)),
+            FromParent::Restarted { result } => out.push(Action::CountRestart(result)),
+            FromParent::Crashes { count } => out.push(Action::CountCrashes(count)),
             FromParent::Reopen => out.push(Action::ReopenLog),
             FromParent::Hook { signal } => {
                 if let Some(sig) = Signal::from_number(signal) {

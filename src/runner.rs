@@ -17,7 +17,7 @@ use crate::control::{Call, Reply, ReplyBody};
 use crate::drain::DrainSignal;
 use crate::error::Error;
 use crate::generation::{Exit, Generation};
-use crate::lifecycle::{Action, Ending, Event, Lifecycle, Phase};
+use crate::lifecycle::{Action, Ending, Event, Lifecycle, Phase, Role};
 use crate::service::{notify, remove_pid_file, write_pid_file};
 use crate::signals::Signal;
 use crate::supervisor::seconds;
@@ -155,6 +155,11 @@ pub(crate) async fn run<P: Spawner>(
         generation.drain.clone(),
         phase,
     );
+    if matches!(generation.role, Role::Worker { .. })
+        && let Some(channel) = &parent
+    {
+        report_totals(channel, generation.metrics.clone());
+    }
     let mut sources = Sources {
         signals,
         signals_open: true,
@@ -265,6 +270,25 @@ async fn delay_shutdown<S: Stream<Item = Signal> + Unpin>(
     life.set_phase(Phase::Draining);
 }
 
+/// A worker tells its supervisor its counters every so often, so that the next worker
+/// counts on from them.
+fn report_totals(channel: &Channel, metrics: crate::metrics::Metrics) {
+    let Ok(mut writer) = crate::upgrade::second_handle(channel) else {
+        return;
+    };
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tick.tick().await;
+            let msg =
+                crate::upgrade::Msg::new(crate::upgrade::FromWorker::Totals(metrics.totals()));
+            if writer.send(&msg).await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
 /// How long a worker whose supervisor is gone lets open requests finish.
 const ORPHAN_GRACE: Duration = Duration::from_secs(1);
 
@@ -323,6 +347,8 @@ async fn act(generation: &Generation, action: Action, upgraded: Option<&mut Upgr
         Action::RestorePidFile => restore_pid_file(generation),
         Action::ReopenLog => generation.reopen_log(),
         Action::CarryForward(totals) => generation.metrics.set_base(&totals),
+        Action::CountRestart(result) => generation.metrics.restart(&result),
+        Action::CountCrashes(count) => generation.metrics.set_crashes(count),
         Action::StartUpgrade { .. } | Action::Drain(_) => {}
     }
 }

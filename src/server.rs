@@ -3,8 +3,8 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_LENGTH, HOST, HeaderName, HeaderValue};
@@ -21,11 +21,11 @@ use tracing::{debug, warn};
 
 use crate::accept::Backoff;
 use crate::access_log::{AccessLog, Entry};
-use crate::metrics::Metrics;
 use crate::config::{HYPER_MAX_HEADERS, Limits};
 use crate::drain::DrainSignal;
 use crate::handler::{Handler, HandlerError, Request, Response};
 use crate::inline::Runner;
+use crate::metrics::Metrics;
 
 type Body = Full<Bytes>;
 

@@ -197,6 +197,16 @@ pub(crate) enum FromParent {
     Stop,
     /// From a supervisor: reopen the access log.
     Reopen,
+    /// From a supervisor: count an upgrade's outcome (`ok`, `failed`, `rolled_back`).
+    Restarted {
+        /// The outcome.
+        result: String,
+    },
+    /// From a supervisor: the workers that crashed so far.
+    Crashes {
+        /// How many.
+        count: u64,
+    },
     /// From a supervisor: call the handler's `on_signal` hook with this signal.
     Hook {
         /// The signal number.
@@ -204,8 +214,25 @@ pub(crate) enum FromParent {
     },
 }
 
+/// What a supervisor's worker reports after its ready.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "msg", rename_all = "snake_case")]
+pub(crate) enum FromWorker {
+    /// Its counters (its predecessors' included), every so often.
+    Totals(crate::metrics::Totals),
+}
+
 /// The channel between two generations, read as [`crate::wire`] lines.
 pub(crate) type Channel = Wire<UnixStream>;
+
+/// A second handle on `channel`'s socket, for a task that only writes (or only reads)
+/// while another owns the first.
+pub(crate) fn second_handle(channel: &Channel) -> std::io::Result<Channel> {
+    use std::os::fd::AsFd as _;
+    let fd = channel.get_ref().as_fd().try_clone_to_owned()?;
+    Wire::from_std(StdUnixStream::from(fd), MAX_LINE)
+        .map_err(|e| std::io::Error::other(e.to_string()))
+}
 
 /// The next message from the old process; `None` once it has gone. Messages of another
 /// version or kind are skipped. Cancellation-safe.
