@@ -981,6 +981,10 @@ impl Supervisor {
             self.last_good = Some(spec.clone());
             self.take_config(&spec);
         }
+        self.tell_serving(FromParent::Crashes {
+            count: self.crashes,
+        })
+        .await;
         self.record(
             "rolled back",
             why.trim_start_matches("rolled back: "),
