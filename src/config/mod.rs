@@ -126,8 +126,9 @@ pub struct Config {
     /// resume serving if the new one dies; zero turns it off.
     #[serde(with = "format::duration")]
     pub probation: Duration,
-    /// Where gem serves `/metrics`, `/healthz` and `/readyz` (not the plugin); off
-    /// when unset.
+    /// Where gem serves `/metrics`, `/healthz` and `/readyz` (not the plugin); written
+    /// `"off"` (the default) for none.
+    #[serde(with = "format::optional_listen")]
     pub metrics_listen: Option<ListenAddr>,
     /// On a shutdown, how long `/readyz` answers 503 while gem still accepts and serves,
     /// so that load balancers stop sending before the drain begins.
