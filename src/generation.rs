@@ -261,6 +261,19 @@ async fn start_serving(
         );
         listening.push(l);
     }
+    if handler.info().sha256.is_none() && handler.info().abi.is_some() {
+        // The plugin is hashed on a side thread: label the metrics once it is done.
+        let (handler, metrics) = (handler.clone(), metrics.clone());
+        tokio::spawn(async move {
+            for _ in 0..600 {
+                if let Some(sha256) = handler.info().sha256 {
+                    metrics.set_sha256(sha256);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+    }
     let (ready, _) = watch::channel(true);
     let (live_drain, _) = watch::channel(drain.clone());
     let endpoint = Arc::new(Endpoint {

@@ -101,6 +101,8 @@ pub(crate) enum Ending {
     Standby,
     /// A worker whose supervisor is gone: stop serving now.
     Orphaned,
+    /// A worker another one took over from: drain, then exit.
+    Retired,
 }
 
 /// How this process serves.
@@ -393,6 +395,7 @@ impl Lifecycle {
                 self.end(Ending::Shutdown, out);
             }
             FromParent::Resume => {}
+            FromParent::Retire => self.end(Ending::Retired, out),
             FromParent::Totals(totals) => out.push(Action::CarryForward(totals)),
             FromParent::Restarted { result } => out.push(Action::CountRestart(result)),
             FromParent::Crashes { count } => out.push(Action::CountCrashes(count)),
@@ -427,6 +430,7 @@ impl Lifecycle {
             Ending::Shutdown | Ending::Orphaned => "shutting down",
             Ending::HandedOver { .. } => "handing over",
             Ending::Standby => "standing by",
+            Ending::Retired => "handing over",
         };
         match event {
             Event::Signal(sig) => info!(

@@ -213,8 +213,9 @@ pub(crate) struct Metrics {
 #[derive(Debug)]
 struct Inner {
     generation: u64,
-    /// The `gem_plugin_info` labels: name, version, sha256.
-    plugin: [(&'static str, String); 3],
+    /// The `gem_plugin_info` labels: name, version, sha256 (known a little after the
+    /// start: the plugin is hashed on a side thread).
+    plugin: Mutex<[(&'static str, String); 3]>,
     /// Requests by status class, as [`CLASSES`].
     requests: [AtomicU64; CLASSES.len()],
     /// Requests by duration bucket (not cumulative), `+Inf` last.
@@ -248,11 +249,11 @@ impl Metrics {
         Metrics {
             inner: Arc::new(Inner {
                 generation,
-                plugin: [
+                plugin: Mutex::new([
                     ("name", plugin.name.clone()),
                     ("version", plugin.version.clone()),
                     ("sha256", plugin.sha256.clone().unwrap_or_default()),
-                ],
+                ]),
                 requests: [const { AtomicU64::new(0) }; CLASSES.len()],
                 duration_buckets: [const { AtomicU64::new(0) }; BUCKETS],
                 duration_sum_nanos: AtomicU64::new(0),
@@ -263,6 +264,11 @@ impl Metrics {
                 base: Mutex::new(Totals::default()),
             }),
         }
+    }
+
+    /// The plugin's SHA-256, once hashed.
+    pub(crate) fn set_sha256(&self, sha256: String) {
+        lock(&self.inner.plugin)[2].1 = sha256;
     }
 
     /// One request answered with `status` after `took`.
@@ -409,7 +415,7 @@ impl Metrics {
         registry.register(
             "gem_plugin",
             "The handler plugin serving",
-            Info::new(self.inner.plugin.clone()),
+            Info::new(lock(&self.inner.plugin).clone()),
         );
         registry.register(
             "gem_build",

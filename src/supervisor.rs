@@ -704,7 +704,7 @@ impl Supervisor {
         if let Some(old) = old.and_then(|o| self.workers.get_mut(&o)) {
             if probation.is_zero() {
                 old.state = State::Draining;
-                old.send(FromParent::Stop).await;
+                old.send(FromParent::Retire).await;
             } else {
                 old.state = State::Standby;
                 old.send(FromParent::Standby).await;

@@ -193,8 +193,11 @@ pub(crate) enum FromParent {
     Standby,
     /// From a supervisor: accept again (the generation that took over died).
     Resume,
-    /// From a supervisor: drain and exit.
+    /// From a supervisor: drain and exit (a shutdown of the service: after the
+    /// shutdown delay).
     Stop,
+    /// From a supervisor: another worker took over; drain and exit at once.
+    Retire,
     /// From a supervisor: reopen the access log.
     Reopen,
     /// From a supervisor: count an upgrade's outcome (`ok`, `failed`, `rolled_back`).
