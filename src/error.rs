@@ -61,6 +61,14 @@ pub enum Error {
     /// A supervisor's first worker failed to start: nothing ever served.
     #[error("the first worker failed to start: {0}")]
     FirstWorker(String),
+    /// The access log file cannot be opened.
+    #[error("cannot open the access log {} (key `access_log`): {source}", path.display())]
+    AccessLog {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     #[error("{context}: {source}")]
     Io {
         /// What gem was doing.

@@ -208,7 +208,11 @@ async fn start_serving(
         })?
         .into_iter()
         .partition(|(addr, _)| !addr.spec.starts_with(METRICS_LABEL));
-    let access_log = AccessLog::open(&config.access_log, config.access_log_format)?;
+    let access_log =
+        AccessLog::open(&config.access_log, config.access_log_format).map_err(|e| match e {
+            Error::File { path, source } => Error::AccessLog { path, source },
+            other => other,
+        })?;
     let metrics = Metrics::new(number, &handler.info());
     let drain = DrainSignal::new(config.idle_grace);
     let observers = Observers {
