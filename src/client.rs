@@ -165,8 +165,14 @@ fn supervisor_status(
 
 pub fn stop(config: &Config, timeout: Option<Duration>) -> anyhow::Result<ExitCode> {
     let path = socket(config)?;
-    let deadline =
-        Instant::now() + timeout.unwrap_or(config.wait_timeout + Duration::from_secs(10));
+    let deadline = Instant::now()
+        + timeout.unwrap_or(config.shutdown_delay + config.wait_timeout + Duration::from_secs(10));
+    if !config.shutdown_delay.is_zero() {
+        println!(
+            "stopping: /readyz answers 503 for {} (shutdown_delay) while requests are still served; then the drain",
+            humantime::format_duration(config.shutdown_delay)
+        );
+    }
     let reply = match ask(path, Command::Stop, remaining(deadline)) {
         Ok(reply) => reply,
         Err(err) => return Ok(unreachable(&err)),

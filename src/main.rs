@@ -46,7 +46,7 @@ struct ClientArgs {
     #[command(flatten)]
     config: ConfigArgs,
     /// How long to wait for the outcome [default: 10s more than upgrade_timeout plus
-    /// probation (reload) or wait_timeout (stop)].
+    /// probation (reload) or shutdown_delay plus wait_timeout (stop)].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     timeout: Option<Duration>,
 }
