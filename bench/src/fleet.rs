@@ -173,7 +173,8 @@ impl Haproxy {
             "global\n    maxconn 4096\n\n\
              defaults\n    mode http\n    timeout connect 1s\n    timeout client 30s\n    \
              timeout server 30s\n    timeout check 1s\n    retries 3\n    option redispatch\n    \
-             retry-on conn-failure empty-response response-timeout\n\n\
+             retry-on conn-failure empty-response\n    option http-keep-alive\n    \
+             http-reuse safe\n\n\
              frontend fleet\n    bind {addr}\n    default_backend gems\n\n\
              frontend stats\n    bind {stats}\n    stats enable\n    stats uri /stats\n\n\
              backend gems\n    balance roundrobin\n    option httpchk GET /readyz\n    \
