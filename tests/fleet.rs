@@ -5,15 +5,15 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::client::{get, post};
+use common::client::get;
 use common::fleet::{
-    lines_of, listen_addr, listening, metrics_addr, metrics_spec, requests_total, restarts_ok,
-    sample_sum, scrape, start_with_metrics, wait_line,
+    free_port, lines_of, listen_addr, listening, metrics_addr, metrics_spec, request,
+    requests_total, restarts_ok, sample_sum, scrape, start_with_metrics, wait_line,
 };
 use common::load::Load;
 use common::{Gem, Signal, Spec, alive, plugin, run_gem, wait_for};
@@ -74,6 +74,12 @@ fn metrics_count_on_through_ten_restarts_on_the_same_port() {
             listening(pid)
         );
         assert!(listening(pid).contains(&gem.addr));
+        // Two scrapes of each generation (restarts with probation "0s" take
+        // milliseconds; the scrapes come every 100 ms).
+        let scraped = seen.lock().unwrap().len();
+        wait_for("two more scrapes", || {
+            (seen.lock().unwrap().len() >= scraped + 2).then_some(())
+        });
     }
     // The tenth restart's result is counted once it is over (probation "0s").
     let text = wait_for("gem_restarts_total{result=\"ok\"} to reach 10", || {
@@ -87,7 +93,7 @@ fn metrics_count_on_through_ten_restarts_on_the_same_port() {
     let seen = seen.lock().unwrap().clone();
     let errors = errors.lock().unwrap().clone();
     assert!(errors.is_empty(), "failed scrapes: {errors:?}");
-    assert!(seen.len() >= 10, "only {} scrapes", seen.len());
+    assert!(seen.len() >= 20, "only {} scrapes", seen.len());
     for pair in seen.windows(2) {
         let ((r0, k0), (r1, k1)) = (pair[0], pair[1]);
         assert!(
@@ -261,11 +267,7 @@ fn a_restart_never_makes_readyz_answer_503() {
 
 #[test]
 fn metrics_listen_on_a_listen_address_is_refused_naming_both_keys() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("gem.toml"),
@@ -294,12 +296,39 @@ fn metrics_listen_on_a_listen_address_is_refused_naming_both_keys() {
     assert!(err.contains("metrics_listen"), "{err}");
 }
 
-/// Sends three requests (200, 404 from the plugin, a POST with a 3-byte body) on new
-/// connections; returns their targets.
+const UA: &str = "fleet-test/1.0";
+const REFERER: &str = "http://example.test/page";
+
+#[test]
+fn port_0_for_both_listen_and_metrics_listen_is_two_addresses() {
+    // Two sockets the OS gives each its own port: not "the same address".
+    let (mut gem, metrics) = start_with_metrics(Spec::new(
+        "hello",
+        "metrics_listen = \"127.0.0.1:0\"\nprobation = \"0s\"",
+    ));
+    assert_ne!(metrics.port(), gem.addr.port());
+    assert_eq!(get(metrics, "/healthz").unwrap().status, 200);
+    // Handed over like the other listeners: port 0 means the port first chosen.
+    let pid = gem.restart(Signal::HUP);
+    assert_eq!(metrics_addr(pid, gem.addr), metrics);
+    assert_eq!(get(metrics, "/readyz").unwrap().status, 200);
+}
+
+/// Sends three requests on new connections, in origin form: `GET /` with a user agent
+/// and a referer (200), `GET /missing?q=1` (404 from the plugin), and a POST with a
+/// 3-byte body; returns their targets.
 fn three_requests(addr: SocketAddr) -> [&'static str; 3] {
-    assert_eq!(get(addr, "/").unwrap().status, 200);
-    assert_eq!(get(addr, "/missing?q=1").unwrap().status, 404);
-    assert_eq!(post(addr, "/echo", b"abc".to_vec()).unwrap().text(), "abc");
+    let ua = format!("User-Agent: {UA}");
+    let referer = format!("Referer: {REFERER}");
+    assert_eq!(
+        request(addr, "GET", "/", &[&ua, &referer], b""),
+        (200, HELLO.into())
+    );
+    assert_eq!(request(addr, "GET", "/missing?q=1", &[], b"").0, 404);
+    assert_eq!(
+        request(addr, "POST", "/echo", &[], b"abc"),
+        (200, "abc".into())
+    );
     ["/", "/missing?q=1", "/echo"]
 }
 
@@ -330,13 +359,17 @@ fn the_combined_access_log_has_one_line_per_request() {
         let fields: Vec<&str> = after.split_whitespace().collect();
         assert_eq!(fields[0], status.to_string(), "{line}");
         assert_eq!(fields[1], bytes.to_string(), "{line}");
-        assert_eq!(fields[2], "\"-\"", "{line}");
+        let (referer, ua) = match request {
+            "\"GET / HTTP/1.1\"" => (format!("\"{REFERER}\""), format!("\"{UA}\"")),
+            _ => ("\"-\"".into(), "\"-\"".into()),
+        };
+        assert_eq!((fields[2], fields[3]), (&*referer, &*ua), "{line}");
         assert!(fields[4].parse::<u64>().is_ok(), "duration µs in {line}");
         assert_eq!(&fields[5..], ["HTTP/1.1", "1"], "{line}");
     }
     // A restart's new generation appends to the same file, with its number.
     gem.restart(Signal::HUP);
-    assert_eq!(get(gem.addr, "/after").unwrap().status, 404);
+    assert_eq!(request(gem.addr, "GET", "/after", &[], b"").0, 404);
     let line = wait_line(&path, "\"GET /after HTTP/1.1\"");
     assert!(line.ends_with(" HTTP/1.1 2"), "{line}");
     assert_eq!(lines_of(&path).len(), 4);
@@ -376,7 +409,17 @@ fn the_json_access_log_has_one_object_per_request() {
         assert_eq!(v["generation"], 1, "{line}");
         assert!(v["duration_us"].is_u64(), "{line}");
         assert!(v["time"].is_string() || v["time"].is_number(), "{line}");
-        assert!(v["referer"].is_null(), "{line}");
+        if target == "/" {
+            assert_eq!(
+                (&v["referer"], &v["user_agent"]),
+                (&REFERER.into(), &UA.into())
+            );
+        } else {
+            assert!(
+                v["referer"].is_null() && v["user_agent"].is_null(),
+                "{line}"
+            );
+        }
         let peer: SocketAddr = v["peer"].as_str().unwrap().parse().unwrap();
         assert!(peer.ip().is_loopback(), "{line}");
     }
@@ -391,7 +434,7 @@ fn reopen_after_a_rename_writes_at_the_path_again() {
     ));
     let path = gem.dir.path().join("access.log");
     let rotated = gem.dir.path().join("access.log.1");
-    assert_eq!(get(gem.addr, "/before").unwrap().status, 404);
+    assert_eq!(request(gem.addr, "GET", "/before", &[], b"").0, 404);
     wait_line(&path, "/before ");
     // What logrotate does without copytruncate: rename, then the signal.
     std::fs::rename(&path, &rotated).unwrap();
@@ -404,7 +447,8 @@ fn reopen_after_a_rename_writes_at_the_path_again() {
     let mut n = 0;
     let line = wait_for("a line at the access log's path after the reopen", || {
         n += 1;
-        assert_eq!(get(gem.addr, &format!("/after-{n}")).unwrap().status, 404);
+        let target = format!("/after-{n}");
+        assert_eq!(request(gem.addr, "GET", &target, &[], b"").0, 404);
         lines_of(&path).into_iter().find(|l| l.contains("/after-"))
     });
     assert!(line.contains("\"GET /after-"), "{line}");

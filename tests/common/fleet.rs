@@ -2,19 +2,70 @@
 //! depend on no log wording for it), Prometheus text read back, and the access log file.
 
 use std::collections::HashSet;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::path::Path;
+use std::time::Duration;
 
 use super::client::get;
 use super::{Gem, Spec, wait_for};
 
-/// `Spec::new("hello", ...)` with `metrics_listen` on an OS-chosen port, plus `extra`
-/// top-level TOML lines (before any table).
+/// A port the OS says is free on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `Spec::new("hello", ...)` with `metrics_listen` on a port the OS chose, plus `extra`
+/// top-level TOML lines (before any table). (A fixed port, so that a generation that
+/// bound it anew instead of inheriting it would fail while the old one holds it.)
 pub fn metrics_spec(extra: &str) -> Spec {
     Spec::new(
         "hello",
-        &format!("metrics_listen = \"127.0.0.1:0\"\n{extra}"),
+        &format!("metrics_listen = \"127.0.0.1:{}\"\n{extra}", free_port()),
     )
+}
+
+/// One HTTP/1.1 request in origin form (`GET /path`, as curl sends it; the hyper
+/// client of `client.rs` sends the absolute form) on a new connection, with
+/// `headers` (`"Name: value"`); the status and the body.
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[&str],
+    body: &[u8],
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut head = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for h in headers {
+        head.push_str(h);
+        head.push_str("\r\n");
+    }
+    if !body.is_empty() || method == "POST" {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {text:?}"));
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    assert!(!chunked, "a chunked answer to {method} {target}: {text:?}");
+    (status, body.to_owned())
 }
 
 /// Starts `spec` and returns the gem, with `addr` taken from the `listen` log line (not
