@@ -29,7 +29,7 @@ fn free_addr() -> Result<SocketAddr> {
     Ok(SocketAddr::from(([127, 0, 0, 1], peers::free_port()?)))
 }
 
-/// `GET path` over HTTP/1.0 (so no chunked body) on a new connection: status and body.
+/// `GET path` over HTTP/1.0 on a new connection: status and body.
 fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -42,8 +42,33 @@ fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("no status line from {addr}: {text:?}"))?;
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    // HAProxy's stats page answers chunked even to HTTP/1.0.
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return Ok((status, dechunk(body)?));
+    }
     Ok((status, body.to_owned()))
+}
+
+/// A chunked body, joined.
+fn dechunk(mut rest: &str) -> Result<String> {
+    let mut out = String::new();
+    loop {
+        let (size, after) = rest
+            .split_once("\r\n")
+            .context("a chunk without its size")?;
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+            .with_context(|| format!("bad chunk size {size:?}"))?;
+        if size == 0 {
+            return Ok(out);
+        }
+        let chunk = after.get(..size).context("a chunk cut short")?;
+        out.push_str(chunk);
+        rest = after.get(size..).unwrap_or("").trim_start_matches("\r\n");
+    }
 }
 
 /// Waits for `pid`'s child to exit, up to `limit`; SIGKILL after that.
