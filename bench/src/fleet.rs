@@ -428,7 +428,7 @@ pub fn rolling_upgrade(build: &Build, plan: &Plan) -> Result<String> {
     ];
     let inter = CHECK_INTER.as_millis();
     let mut out = format!(
-        "HAProxy ({haproxy}) on 127.0.0.1 in front of 3 gem instances, active checks \
+        "{haproxy} on 127.0.0.1 in front of 3 gem instances, active checks \
          `GET /readyz` on each one's `metrics_listen` every {inter} ms, down after {FALL} \
          failures ({} ms), up after {RISE}; `retries 3`, `option redispatch`. wrk, 64 \
          keep-alive connections through HAProxy for {} s; 1 s in, each instance in turn \
@@ -495,13 +495,11 @@ fn haproxy_version() -> String {
                 .lines()
                 .next()
                 .unwrap_or_default()
-                .split(" - ")
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_owned()
+                .split_whitespace()
+                .nth(2)
+                .map_or("HAProxy".into(), |v| format!("HAProxy {v}"))
         })
-        .unwrap_or_else(|_| "haproxy".into())
+        .unwrap_or_else(|_| "HAProxy".into())
 }
 
 /// Newlines in the file at `path`.
