@@ -220,7 +220,9 @@ async fn serve(
         .handover
         .try_clone()
         .map_err(Error::io("duplicating the sockets"))?;
-    let spawner = ProcessSpawner::new(launch, fds.listeners, fds.control, upgrade_timeout);
+    let mut listeners = fds.listeners;
+    listeners.extend(fds.metrics);
+    let spawner = ProcessSpawner::new(launch, listeners, fds.control, upgrade_timeout);
     crate::runner::run(generation, spawner, signals, parent, phase.clone()).await
 }
 

@@ -217,6 +217,18 @@ fn describe(s: &Status, now: SystemTime) -> String {
         "pid:          {} (generation {}, up {uptime})",
         s.pid, s.generation
     );
+    match s.phase.as_deref() {
+        None | Some("serving") => {}
+        Some("shutdown_delay") => {
+            let _ = writeln!(
+                out,
+                "phase:        shutdown delay (/readyz answers 503; still serving)"
+            );
+        }
+        Some(phase) => {
+            let _ = writeln!(out, "phase:        {phase}");
+        }
+    }
     let _ = writeln!(out, "listen:       {}", s.listen.join(", "));
     let p = &s.plugin;
     let abi = p.abi.map_or("-".into(), |a| a.to_string());

@@ -208,6 +208,9 @@ pub struct Status {
     /// In supervised mode: the supervisor and its workers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub supervisor: Option<SupervisorStatus>,
+    /// `serving`, `upgrading`, `shutdown_delay` or `draining`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
 }
 
 /// The supervisor, for `gem status`.

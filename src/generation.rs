@@ -8,13 +8,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::access_log::AccessLog;
-use crate::config::{Config, ListenAddr};
+use crate::config::{Config, ListenAddr, METRICS_LABEL};
 use crate::control::{self, Call};
 use crate::drain::{DrainOutcome, DrainSignal};
 use crate::error::Error;
@@ -22,9 +22,9 @@ use crate::handler::Handler;
 use crate::handover::Inherited;
 use crate::lifecycle::{Identity, Role};
 use crate::listeners::open_listeners;
-use crate::metrics::Metrics;
+use crate::metrics::{Endpoint, Live, Metrics};
 use crate::plugin::LoadedPlugin;
-use crate::server::{ServeContext, accept_loop};
+use crate::server::{Observers, ServeContext, accept_loop};
 use crate::service::{Notice, notify, write_pid_file};
 use crate::signals::{Action, SignalRegistry};
 use crate::upgrade::{Channel, ReadyChannel};
@@ -76,6 +76,8 @@ pub(crate) struct Listening {
 pub(crate) struct HandoverFds {
     /// Each listener's label (its `listen` entry as written) and socket.
     pub(crate) listeners: Vec<(String, OwnedFd)>,
+    /// The metrics listener's label and socket.
+    pub(crate) metrics: Option<(String, OwnedFd)>,
     pub(crate) control: Option<OwnedFd>,
 }
 
@@ -88,6 +90,10 @@ impl HandoverFds {
                 .iter()
                 .map(|(label, fd)| Ok((label.clone(), fd.try_clone()?)))
                 .collect::<std::io::Result<_>>()?,
+            metrics: match &self.metrics {
+                Some((label, fd)) => Some((label.clone(), fd.try_clone()?)),
+                None => None,
+            },
             control: self.control.as_ref().map(OwnedFd::try_clone).transpose()?,
         })
     }
@@ -97,6 +103,7 @@ impl HandoverFds {
 /// generation serves again (a resume after a failed probation).
 pub(crate) struct DrainJob {
     pid: u32,
+    metrics: Metrics,
     drain: DrainSignal,
     listeners: Vec<(SocketAddr, TaskTracker)>,
     wait_timeout: Duration,
@@ -127,8 +134,16 @@ pub(crate) struct Generation {
     /// The process that handed over to this one, for generations after the first.
     pub(crate) parent_pid: Option<u32>,
     pub(crate) role: Role,
-    pub(crate) access_log: Option<crate::access_log::AccessLog>,
-    pub(crate) metrics: crate::metrics::Metrics,
+    pub(crate) access_log: Option<AccessLog>,
+    pub(crate) metrics: Metrics,
+    /// What each request is reported to.
+    pub(crate) observers: Observers,
+    /// `true` while this generation takes traffic (`/readyz`); `false` from the moment
+    /// a shutdown begins.
+    pub(crate) ready: watch::Sender<bool>,
+    /// The drain signal of what serves now, for the metrics' live counts.
+    pub(crate) live_drain: watch::Sender<DrainSignal>,
+    pub(crate) endpoint: Arc<Endpoint>,
 }
 
 /// Loads the handler, opens the listeners and the control socket, starts accepting.
@@ -186,15 +201,27 @@ async fn start_serving(
     let pid = std::process::id();
     let handler = load_handler(source).await?;
     check_signal_hook(&config.signals, handler.as_ref())?;
-    let sockets =
-        open_listeners(&config.listen, inherited).map_err(|(addr, source)| Error::Listen {
+    let (sockets, metrics_socket): (Vec<_>, Vec<_>) = open_listeners(&config.sockets(), inherited)
+        .map_err(|(addr, source)| Error::Listen {
             addr: addr.spec,
             source,
-        })?;
+        })?
+        .into_iter()
+        .partition(|(addr, _)| !addr.spec.starts_with(METRICS_LABEL));
     let access_log = AccessLog::open(&config.access_log, config.access_log_format)?;
     let metrics = Metrics::new(number, &handler.info());
     let drain = DrainSignal::new(config.idle_grace);
-    let ctx = ServeContext::new(handler.clone(), config.limits, drain.clone());
+    let observers = Observers {
+        metrics: config.metrics_listen.is_some().then(|| metrics.clone()),
+        access_log: access_log.clone(),
+        generation: number,
+    };
+    let ctx = ServeContext::new(
+        handler.clone(),
+        config.limits,
+        drain.clone(),
+        observers.clone(),
+    );
     // Everything that can fail happens before the first accept: a process that fails
     // to start must not have taken a connection off a shared socket.
     let mut handover = HandoverFds::default();
@@ -203,6 +230,16 @@ async fn start_serving(
         let (listening, listener, fd) = prepare_listener(addr, socket)?;
         handover.listeners.push((listening.addr.spec.clone(), fd));
         prepared.push((listening, listener));
+    }
+    let mut metrics_listener = None;
+    for (addr, socket) in metrics_socket {
+        let fd = socket
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(Error::io("duplicating a listener"))?;
+        let listener = to_tokio(socket)?;
+        handover.metrics = Some((addr.spec, fd));
+        metrics_listener = Some(listener);
     }
     let control = match &config.control_socket {
         Some(path) => {
@@ -224,6 +261,39 @@ async fn start_serving(
         );
         listening.push(l);
     }
+    if handler.info().sha256.is_none() && handler.info().abi.is_some() {
+        // The plugin is hashed on a side thread: label the metrics once it is done.
+        let (handler, metrics) = (handler.clone(), metrics.clone());
+        tokio::spawn(async move {
+            for _ in 0..600 {
+                if let Some(sha256) = handler.info().sha256 {
+                    metrics.set_sha256(sha256);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+    }
+    let (ready, _) = watch::channel(true);
+    let (live_drain, _) = watch::channel(drain.clone());
+    let endpoint = Arc::new(Endpoint {
+        metrics: metrics.clone(),
+        live: live(&live_drain, access_log.as_ref()),
+        ready: ready.subscribe(),
+    });
+    if let Some(listener) = metrics_listener {
+        info!(
+            "[{pid}] metrics on http://{}/metrics (metrics_listen)",
+            listener
+                .local_addr()
+                .map_or_else(|_| "?".into(), |a| a.to_string())
+        );
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            endpoint.clone(),
+            drain.stop_accepting().clone(),
+        ));
+    }
     log_handler(pid, handler.as_ref());
     Ok(Generation {
         pid,
@@ -240,7 +310,36 @@ async fn start_serving(
         role,
         access_log,
         metrics,
+        observers,
+        ready,
+        live_drain,
+        endpoint,
     })
+}
+
+/// What a scrape reads live: the current drain signal's counts (it is replaced when a
+/// generation resumes) and the access log's dropped lines.
+fn live(
+    drain: &watch::Sender<DrainSignal>,
+    log: Option<&AccessLog>,
+) -> Arc<dyn Fn() -> Live + Send + Sync> {
+    let drain = drain.subscribe();
+    let log = log.cloned();
+    Arc::new(move || {
+        let d = drain.borrow();
+        Live {
+            in_flight: d.in_flight(),
+            connections: d.connections(),
+            dropped_log_lines: log.as_ref().map_or(0, AccessLog::dropped),
+        }
+    })
+}
+
+fn to_tokio(socket: std::net::TcpListener) -> Result<tokio::net::TcpListener, Error> {
+    socket
+        .set_nonblocking(true)
+        .map_err(Error::io("configuring a listener"))?;
+    tokio::net::TcpListener::from_std(socket).map_err(Error::io("registering a listener"))
 }
 
 fn prepare_listener(
@@ -392,6 +491,7 @@ impl Generation {
     pub(crate) fn drain_job(&self) -> DrainJob {
         DrainJob {
             pid: self.pid,
+            metrics: self.metrics.clone(),
             drain: self.drain.clone(),
             listeners: self
                 .listening
@@ -408,7 +508,25 @@ impl Generation {
     /// new drain signal and the control socket's calls.
     pub(crate) fn resume(&mut self) -> Result<(DrainSignal, Option<mpsc::Receiver<Call>>), Error> {
         let drain = DrainSignal::new(self.config.idle_grace);
-        let ctx = ServeContext::new(self.handler.clone(), self.config.limits, drain.clone());
+        let ctx = ServeContext::new(
+            self.handler.clone(),
+            self.config.limits,
+            drain.clone(),
+            self.observers.clone(),
+        );
+        if let Some((_, fd)) = &self.handover.metrics {
+            let fd = fd
+                .try_clone()
+                .map_err(Error::io("duplicating a listener"))?;
+            let listener = to_tokio(std::net::TcpListener::from(fd))?;
+            tokio::spawn(crate::metrics::serve(
+                listener,
+                self.endpoint.clone(),
+                drain.stop_accepting().clone(),
+            ));
+        }
+        self.live_drain.send_replace(drain.clone());
+        self.ready.send_replace(true);
         for (l, (_, fd)) in self.listening.iter_mut().zip(&self.handover.listeners) {
             let fd = fd
                 .try_clone()
@@ -482,6 +600,7 @@ impl DrainJob {
     /// The drain, with the reference's log lines. Returns how many connections were cut.
     pub(crate) async fn run(self) -> usize {
         let pid = self.pid;
+        let began = Instant::now();
         for (local, _) in &self.listeners {
             info!("[{pid}] shutting down the server({local})...");
         }
@@ -503,6 +622,7 @@ impl DrainJob {
             }
         }
         info!("[{pid}] all of old servers have been shutdown successfully.");
+        self.metrics.drained(began.elapsed(), total);
         total
     }
 }

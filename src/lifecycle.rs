@@ -31,6 +31,9 @@ pub enum Phase {
     Serving,
     /// Serving, while a new process starts.
     Upgrading,
+    /// A shutdown began: `/readyz` answers 503 for `shutdown_delay` while requests are
+    /// still accepted and served.
+    ShutdownDelay,
     /// Not accepting any more; finishing what is open.
     Draining,
     /// Done.
@@ -54,7 +57,7 @@ pub(crate) enum Event {
 }
 
 /// What the lifecycle wants done, in order.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 pub(crate) enum Action {
     /// Start generation `generation` and report back with [`Event::UpgradeDone`].
     StartUpgrade {
@@ -67,6 +70,12 @@ pub(crate) enum Action {
     CallHook(Signal),
     /// Reopen the access log.
     ReopenLog,
+    /// Count on from the generations before (their latest totals).
+    CarryForward(crate::metrics::Totals),
+    /// Count an upgrade's outcome, as the supervisor saw it.
+    CountRestart(String),
+    /// The supervisor's crash count.
+    CountCrashes(u64),
     /// Tell systemd.
     Notify(Notice),
     /// Write this process's pid into the pid file again (a failed child may have
@@ -92,6 +101,8 @@ pub(crate) enum Ending {
     Standby,
     /// A worker whose supervisor is gone: stop serving now.
     Orphaned,
+    /// A worker another one took over from: drain, then exit.
+    Retired,
 }
 
 /// How this process serves.
@@ -162,6 +173,20 @@ pub(crate) struct Lifecycle {
     ending: Option<Ending>,
     /// The answer to the upgrade that handed over, held until the probation is over.
     on_probation: Option<(Reply, Vec<oneshot::Sender<Reply>>)>,
+}
+
+impl Phase {
+    /// As `gem status` shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::Serving => "serving",
+            Phase::Upgrading => "upgrading",
+            Phase::ShutdownDelay => "shutdown_delay",
+            Phase::Draining => "draining",
+            Phase::Exited => "exited",
+        }
+    }
 }
 
 impl Lifecycle {
@@ -370,6 +395,10 @@ impl Lifecycle {
                 self.end(Ending::Shutdown, out);
             }
             FromParent::Resume => {}
+            FromParent::Retire => self.end(Ending::Retired, out),
+            FromParent::Totals(totals) => out.push(Action::CarryForward(totals)),
+            FromParent::Restarted { result } => out.push(Action::CountRestart(result)),
+            FromParent::Crashes { count } => out.push(Action::CountCrashes(count)),
             FromParent::Reopen => out.push(Action::ReopenLog),
             FromParent::Hook { signal } => {
                 if let Some(sig) = Signal::from_number(signal) {
@@ -401,6 +430,7 @@ impl Lifecycle {
             Ending::Shutdown | Ending::Orphaned => "shutting down",
             Ending::HandedOver { .. } => "handing over",
             Ending::Standby => "standing by",
+            Ending::Retired => "handing over",
         };
         match event {
             Event::Signal(sig) => info!(
@@ -410,6 +440,11 @@ impl Lifecycle {
             // `gem stop` during a shutdown waits for its end like the first one.
             Event::Call(call) if ending == Ending::Shutdown && call.cmd == Command::Stop => {
                 self.stop_waiters.push(call.reply);
+            }
+            // Still answering (a shutdown delay keeps the control socket): the phase.
+            Event::Call(call) if ending == Ending::Shutdown && call.cmd == Command::Status => {
+                let status = Box::new(self.status());
+                let _ = call.reply.send(Reply::ok(ReplyBody::Status(status)));
             }
             Event::Call(call) => {
                 let _ = call.reply.send(match ending {
@@ -578,6 +613,7 @@ impl Lifecycle {
                 })
                 .collect(),
             supervisor: None,
+            phase: Some(self.phase.borrow().name().to_owned()),
         }
     }
 }

@@ -107,7 +107,13 @@ fn shutdown_tells_systemd_and_ends_once() {
     assert_eq!(life.take_stop_waiters().len(), 1);
     let (status, mut rx) = call(Command::Status);
     assert!(life.handle(status).is_empty());
-    assert!(!rx.try_recv().unwrap().ok, "shutting down");
+    let ReplyBody::Status(s) = rx.try_recv().unwrap().body else {
+        panic!("status is still answered, with the phase");
+    };
+    assert_eq!(s.phase.as_deref(), Some("draining"));
+    let (reload, mut rx) = call(Command::Reload);
+    life.handle(reload);
+    assert!(!rx.try_recv().unwrap().ok, "no reload while shutting down");
     assert!(life.handle(Event::Signal(Signal::USR1)).is_empty());
 }
 

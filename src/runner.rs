@@ -17,7 +17,7 @@ use crate::control::{Call, Reply, ReplyBody};
 use crate::drain::DrainSignal;
 use crate::error::Error;
 use crate::generation::{Exit, Generation};
-use crate::lifecycle::{Action, Ending, Event, Lifecycle, Phase};
+use crate::lifecycle::{Action, Ending, Event, Lifecycle, Phase, Role};
 use crate::service::{notify, remove_pid_file, write_pid_file};
 use crate::signals::Signal;
 use crate::supervisor::seconds;
@@ -155,6 +155,11 @@ pub(crate) async fn run<P: Spawner>(
         generation.drain.clone(),
         phase,
     );
+    if matches!(generation.role, Role::Worker { .. })
+        && let Some(channel) = &parent
+    {
+        report_totals(channel, generation.metrics.clone());
+    }
     let mut sources = Sources {
         signals,
         signals_open: true,
@@ -163,6 +168,12 @@ pub(crate) async fn run<P: Spawner>(
     };
     let exit = loop {
         let (ending, upgraded) = serve(&generation, &mut spawner, &mut life, &mut sources).await;
+        if matches!(ending, Ending::Shutdown | Ending::Orphaned) {
+            generation.ready.send_replace(false);
+        }
+        if ending == Ending::Shutdown {
+            delay_shutdown(&generation, &mut life, &mut sources).await;
+        }
         if let Some(control) = &generation.control {
             // New control clients must reach the new generation (or nobody).
             control.stop.cancel();
@@ -216,6 +227,68 @@ pub(crate) async fn run<P: Spawner>(
     Ok(exit)
 }
 
+/// A shutdown's delay: `/readyz` already answers 503 (load balancers take this
+/// process out), while it still accepts and serves. A second shutdown signal ends it.
+async fn delay_shutdown<S: Stream<Item = Signal> + Unpin>(
+    generation: &Generation,
+    life: &mut Lifecycle,
+    sources: &mut Sources<S>,
+) {
+    let delay = generation.config.shutdown_delay;
+    if delay.is_zero() {
+        return;
+    }
+    let pid = generation.pid;
+    life.set_phase(Phase::ShutdownDelay);
+    info!(
+        "[{pid}] shutting down in {}: /readyz answers 503 meanwhile.",
+        humantime::format_duration(delay)
+    );
+    let until = tokio::time::sleep(delay);
+    tokio::pin!(until);
+    loop {
+        tokio::select! {
+            () = &mut until => break,
+            Some(event) = sources.next(), if sources.open() => match event {
+                Event::Signal(sig) if life.is_shutdown(sig) => {
+                    info!(
+                        "[{pid}] received signal {:?} again: skipping the rest of the shutdown delay.",
+                        sig.description()
+                    );
+                    break;
+                }
+                Event::Parent(FromParent::Stop) => {
+                    info!("[{pid}] the supervisor asks again: skipping the rest of the shutdown delay.");
+                    break;
+                }
+                event => {
+                    life.handle(event);
+                }
+            },
+        }
+    }
+    life.set_phase(Phase::Draining);
+}
+
+/// A worker tells its supervisor its counters every so often, so that the next worker
+/// counts on from them.
+fn report_totals(channel: &Channel, metrics: crate::metrics::Metrics) {
+    let Ok(mut writer) = crate::upgrade::second_handle(channel) else {
+        return;
+    };
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tick.tick().await;
+            let msg =
+                crate::upgrade::Msg::new(crate::upgrade::FromWorker::Totals(metrics.totals()));
+            if writer.send(&msg).await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
 /// How long a worker whose supervisor is gone lets open requests finish.
 const ORPHAN_GRACE: Duration = Duration::from_secs(1);
 
@@ -233,7 +306,10 @@ async fn serve<P: Spawner, S: Stream<Item = Signal> + Unpin>(
         let event = tokio::select! {
             joined = async { (&mut task.as_mut()?.join).await.ok() }, if task.is_some() => {
                 task = None;
-                upgrade_done(joined, &mut upgraded)
+                let event = upgrade_done(joined, &mut upgraded);
+                let ok = matches!(event, Event::UpgradeDone(Ok(_)));
+                generation.metrics.restart(if ok { "ok" } else { "failed" });
+                event
             }
             event = sources.next(), if sources.open() => match event {
                 Some(event) => event,
@@ -270,6 +346,9 @@ async fn act(generation: &Generation, action: Action, upgraded: Option<&mut Upgr
         Action::Notify(notice) => notify(&notice),
         Action::RestorePidFile => restore_pid_file(generation),
         Action::ReopenLog => generation.reopen_log(),
+        Action::CarryForward(totals) => generation.metrics.set_base(&totals),
+        Action::CountRestart(result) => generation.metrics.restart(&result),
+        Action::CountCrashes(count) => generation.metrics.set_crashes(count),
         Action::StartUpgrade { .. } | Action::Drain(_) => {}
     }
 }
@@ -328,6 +407,7 @@ async fn on_probation<S: Stream<Item = Signal> + Unpin>(
                     seconds(after)
                 );
                 error!("[{pid}] {why}.");
+                generation.metrics.restart("rolled_back");
                 return Verdict::Died(why);
             }
             () = tokio::time::sleep_until(over) => {
@@ -338,6 +418,7 @@ async fn on_probation<S: Stream<Item = Signal> + Unpin>(
             _ = tick.tick() => {
                 let connections = drain.connections();
                 let _ = child.send(FromParent::Draining { pid, connections }).await;
+                let _ = child.send(FromParent::Totals(generation.metrics.totals())).await;
             }
             Some(event) = sources.next(), if sources.open() => {
                 // Only messages from an older generation still draining arrive, or
@@ -346,6 +427,7 @@ async fn on_probation<S: Stream<Item = Signal> + Unpin>(
                     Event::Parent(msg @ (FromParent::Draining { .. } | FromParent::Drained { .. })) => {
                         let _ = child.send(msg).await;
                     }
+                    Event::Parent(FromParent::Totals(totals)) => generation.metrics.set_base(&totals),
                     event => { life.handle(event); }
                 }
             }
@@ -469,7 +551,7 @@ async fn finish<S: Stream<Item = Signal> + Unpin>(
                 let relay = tokio::spawn(relay_drain(
                     *child,
                     parent,
-                    generation.drain.clone(),
+                    (generation.drain.clone(), generation.metrics.clone()),
                     done.clone(),
                 ));
                 let cut = drain.await.unwrap_or_default();
@@ -509,7 +591,7 @@ async fn finish<S: Stream<Item = Signal> + Unpin>(
 async fn relay_drain(
     mut child: Upgraded,
     mut parent: Option<Channel>,
-    drain: DrainSignal,
+    (drain, metrics): (DrainSignal, crate::metrics::Metrics),
     done: CancellationToken,
 ) {
     let pid = std::process::id();
@@ -517,6 +599,7 @@ async fn relay_drain(
     loop {
         tokio::select! {
             () = done.cancelled() => {
+                let _ = child.send(FromParent::Totals(metrics.totals())).await;
                 let _ = child.send(FromParent::Drained { pid }).await;
                 return;
             }
@@ -525,10 +608,13 @@ async fn relay_drain(
                 if child.send(FromParent::Draining { pid, connections }).await.is_err() {
                     return;
                 }
+                let _ = child.send(FromParent::Totals(metrics.totals())).await;
             }
             msg = async { next_from_parent(parent.as_mut()?).await }, if parent.is_some() => {
                 match msg {
                     Some(FromParent::Restart) => {}
+                    // Counted on here; this process's totals include them.
+                    Some(FromParent::Totals(totals)) => metrics.set_base(&totals),
                     Some(msg) => { let _ = child.send(msg).await; }
                     None => parent = None,
                 }

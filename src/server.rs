@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_LENGTH, HOST, HeaderName, HeaderValue};
@@ -19,10 +20,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::accept::Backoff;
+use crate::access_log::{AccessLog, Entry};
 use crate::config::{HYPER_MAX_HEADERS, Limits};
 use crate::drain::DrainSignal;
 use crate::handler::{Handler, HandlerError, Request, Response};
 use crate::inline::Runner;
+use crate::metrics::Metrics;
 
 type Body = Full<Bytes>;
 
@@ -38,6 +41,26 @@ pub struct Shared {
     drain: DrainSignal,
     http: auto::Builder<TokioExecutor>,
     runner: Runner,
+    observers: Observers,
+}
+
+/// Where each answered request is reported: the metrics (when served) and the access
+/// log (when on).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Observers {
+    pub(crate) metrics: Option<Metrics>,
+    pub(crate) access_log: Option<AccessLog>,
+    /// The generation serving, for the access log.
+    pub(crate) generation: u64,
+}
+
+/// The parts of a request the access log needs after the handler has taken it.
+struct Head {
+    time: SystemTime,
+    method: http::Method,
+    uri: http::Uri,
+    referer: Option<HeaderValue>,
+    user_agent: Option<HeaderValue>,
 }
 
 impl std::ops::Deref for ServeContext {
@@ -58,7 +81,12 @@ impl std::fmt::Debug for Shared {
 
 impl ServeContext {
     /// Builds the shared HTTP settings from `limits`.
-    pub fn new(handler: Arc<dyn Handler>, limits: Limits, drain: DrainSignal) -> Self {
+    pub(crate) fn new(
+        handler: Arc<dyn Handler>,
+        limits: Limits,
+        drain: DrainSignal,
+        observers: Observers,
+    ) -> Self {
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1()
             .timer(TokioTimer::new())
@@ -79,6 +107,7 @@ impl ServeContext {
             drain,
             http,
             runner: Runner::for_current_runtime(),
+            observers,
         }))
     }
 }
@@ -111,7 +140,7 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: ServeContext
             if req.version() == Version::HTTP_2 {
                 is_h2.store(true, Ordering::Relaxed);
             }
-            respond(req, ctx.clone())
+            respond(req, peer, ctx.clone())
         })
     };
     let conn = ctx.http.serve_connection(TokioIo::new(stream), service);
@@ -158,10 +187,20 @@ fn log_conn_end(peer: SocketAddr, result: Result<(), Box<dyn std::error::Error +
 /// Turns one HTTP request into a handler call and back.
 async fn respond(
     req: HttpRequest<Incoming>,
+    peer: SocketAddr,
     ctx: ServeContext,
 ) -> Result<HttpResponse<Body>, std::convert::Infallible> {
     let _in_flight = ctx.drain.request();
+    let started = Instant::now();
     let version = req.version();
+    // Copied only when an access log wants them.
+    let head = ctx.observers.access_log.as_ref().map(|_| Head {
+        time: SystemTime::now(),
+        method: req.method().clone(),
+        uri: req.uri().clone(),
+        referer: req.headers().get(http::header::REFERER).cloned(),
+        user_agent: req.headers().get(http::header::USER_AGENT).cloned(),
+    });
     let mut resp = match call_handler(req, &ctx).await {
         Ok(resp) => resp,
         Err(resp) => resp,
@@ -169,6 +208,26 @@ async fn respond(
     if ctx.drain.is_draining() && version < Version::HTTP_2 {
         resp.headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    let status = resp.status().as_u16();
+    let took = started.elapsed();
+    if let Some(metrics) = &ctx.observers.metrics {
+        metrics.observe(status, took);
+    }
+    if let (Some(log), Some(head)) = (&ctx.observers.access_log, head) {
+        log.log(Entry {
+            time: head.time,
+            peer,
+            method: head.method,
+            uri: head.uri,
+            version,
+            referer: head.referer,
+            user_agent: head.user_agent,
+            status,
+            bytes: resp.body().size_hint().exact().unwrap_or_default(),
+            took,
+            generation: ctx.observers.generation,
+        });
     }
     Ok(resp)
 }

@@ -344,7 +344,7 @@ mod tests {
         let err = "reboot".parse::<Action>().unwrap_err().to_string();
         assert_eq!(
             err,
-            "unknown action \"reboot\"; valid actions are restart, shutdown, ignore, plugin"
+            "unknown action \"reboot\"; valid actions are restart, shutdown, ignore, plugin, reopen"
         );
     }
 

@@ -43,10 +43,12 @@ use crate::control::{
 use crate::error::Error;
 use crate::handler::HandlerInfo;
 use crate::listeners::open_listeners;
+use crate::metrics::Totals;
 use crate::service::{Notice, notify, remove_pid_file, write_pid_file};
 use crate::signals::{Action as SignalAction, Signal, os_signals};
 use crate::upgrade::{
-    Channel, FromParent, Handover, Launch, Msg, UpgradeError, await_ready, describe_exit,
+    Channel, FromParent, FromWorker, Handover, Launch, Msg, UpgradeError, await_ready,
+    describe_exit,
 };
 
 /// Reloads the configuration from where it came from (file, environment, flags), at
@@ -89,7 +91,7 @@ impl Spec {
             .map(|(label, fd)| Ok((label.clone(), TcpListener::from(fd.try_clone()?))))
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(Error::io("duplicating a listener"))?;
-        let listeners = open_listeners(&config.listen, inherited)
+        let listeners = open_listeners(&config.sockets(), inherited)
             .map_err(|(addr, source)| Error::Listen {
                 addr: addr.spec,
                 source,
@@ -109,6 +111,7 @@ impl Spec {
     fn local_addrs(&self) -> Vec<String> {
         self.listeners
             .iter()
+            .filter(|(label, _)| !label.starts_with(crate::config::METRICS_LABEL))
             .filter_map(|(_, fd)| {
                 let l = TcpListener::from(fd.try_clone().ok()?);
                 l.local_addr().ok().map(|a| a.to_string())
@@ -169,6 +172,8 @@ struct Worker {
     /// Its channel: it stops serving when this closes (the supervisor is gone).
     channel: Option<Channel>,
     handler: Option<HandlerInfo>,
+    /// Its counters, as it last reported them.
+    totals: Option<Totals>,
 }
 
 impl Worker {
@@ -246,6 +251,13 @@ struct Supervisor {
     ready_told: bool,
     /// Why the supervisor stops on its own (its first worker failed).
     fatal: Option<String>,
+    /// Where workers' reports arrive.
+    reports: mpsc::Sender<(u32, Totals)>,
+    /// What the serving worker counts on from: the counters of the one before it.
+    carried: Option<Totals>,
+    /// The worker whose reports update `carried` (the one the serving worker replaced,
+    /// while it drains).
+    predecessor: Option<u32>,
 }
 
 /// Runs the supervisor until a shutdown: `config` is the configuration loaded at start,
@@ -254,6 +266,7 @@ pub async fn supervise(config: Config, loader: Loader) -> Result<(), Error> {
     let launch = Launch::current().map_err(Error::io("recording how gem was started"))?;
     let pid = std::process::id();
     let inherited = crate::handover::take_inherited()?;
+    let (reports_tx, mut reports) = mpsc::channel(64);
     let mut sup = Supervisor {
         pid,
         launch,
@@ -277,6 +290,9 @@ pub async fn supervise(config: Config, loader: Loader) -> Result<(), Error> {
         stop_waiters: Vec::new(),
         ready_told: false,
         fatal: None,
+        reports: reports_tx,
+        carried: None,
+        predecessor: None,
     };
     let (tx, mut calls) = mpsc::channel(16);
     let control_stop = CancellationToken::new();
@@ -377,6 +393,7 @@ pub async fn supervise(config: Config, loader: Loader) -> Result<(), Error> {
             () = kill_due => sup.kill_stragglers(),
             Some(sig) = signals.next() => sup.on_signal(sig).await,
             Some(call) = calls.recv() => sup.on_call(call).await,
+            Some((pid, totals)) = reports.recv() => sup.reported(pid, totals).await,
         }
     }
     control_stop.cancel();
@@ -481,6 +498,18 @@ impl Supervisor {
             Purpose::Upgrade(waiters) => {
                 let serving = self.serving().map_or(pid, |w| w.pid);
                 error!("[{pid}] upgrade failed: {why}; worker {serving} keeps serving.");
+                // Told in the background: this path is not async.
+                if let Some(w) = self.serving_mut()
+                    && let Some(channel) = w.channel.as_ref()
+                    && let Ok(mut writer) = crate::upgrade::second_handle(channel)
+                {
+                    tokio::spawn(async move {
+                        let msg = Msg::new(FromParent::Restarted {
+                            result: "failed".into(),
+                        });
+                        let _ = writer.send(&msg).await;
+                    });
+                }
                 notify(&Notice::Ready {
                     status: Some(format!("upgrade failed: {why}")),
                 });
@@ -574,6 +603,7 @@ impl Supervisor {
                         spec: starting.spec,
                         channel: None,
                         handler: None,
+                        totals: None,
                     },
                 );
             }
@@ -595,6 +625,7 @@ impl Supervisor {
                             spec: starting.spec.clone(),
                             channel: None,
                             handler: None,
+                            totals: None,
                         },
                     );
                 }
@@ -640,8 +671,32 @@ impl Supervisor {
                 spec: starting.spec.clone(),
                 channel: Some(channel),
                 handler,
+                totals: None,
             },
         );
+        self.read_reports(pid);
+        if old.is_some() {
+            self.predecessor = old;
+            self.carried = old
+                .and_then(|o| self.workers.get(&o))
+                .and_then(|w| w.totals.clone())
+                .or(self.carried.take());
+        }
+        let crashes = self.crashes;
+        let carried = self.carried.clone();
+        let upgraded = matches!(starting.purpose, Purpose::Upgrade(_));
+        if let Some(w) = self.workers.get_mut(&pid) {
+            if let Some(totals) = carried {
+                w.send(FromParent::Totals(totals)).await;
+            }
+            w.send(FromParent::Crashes { count: crashes }).await;
+            if upgraded {
+                w.send(FromParent::Restarted {
+                    result: "ok".into(),
+                })
+                .await;
+            }
+        }
         self.last_good = Some(starting.spec.clone());
         self.take_config(&starting.spec);
         self.end_probation().await;
@@ -649,7 +704,7 @@ impl Supervisor {
         if let Some(old) = old.and_then(|o| self.workers.get_mut(&o)) {
             if probation.is_zero() {
                 old.state = State::Draining;
-                old.send(FromParent::Stop).await;
+                old.send(FromParent::Retire).await;
             } else {
                 old.state = State::Standby;
                 old.send(FromParent::Standby).await;
@@ -697,6 +752,51 @@ impl Supervisor {
                 self.run_follow_up();
             }
             Purpose::Replace | Purpose::First => {}
+        }
+    }
+
+    /// Reads worker `pid`'s reports (its counters) on a second handle of its channel.
+    fn read_reports(&self, pid: u32) {
+        let Some(channel) = self.workers.get(&pid).and_then(|w| w.channel.as_ref()) else {
+            return;
+        };
+        let Ok(mut reader) = crate::upgrade::second_handle(channel) else {
+            return;
+        };
+        let reports = self.reports.clone();
+        tokio::spawn(async move {
+            loop {
+                match reader.recv::<Msg<FromWorker>>().await {
+                    Ok(Some(msg)) => {
+                        let FromWorker::Totals(totals) = msg.body;
+                        if reports.send((pid, totals)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(crate::wire::WireError::BadJson { .. }) => {}
+                    _ => return,
+                }
+            }
+        });
+    }
+
+    /// Worker `pid` reported its counters.
+    async fn reported(&mut self, pid: u32, totals: Totals) {
+        if let Some(w) = self.workers.get_mut(&pid) {
+            w.totals = Some(totals.clone());
+        }
+        if self.predecessor == Some(pid) {
+            self.carried = Some(totals.clone());
+            if let Some(w) = self.serving_mut() {
+                w.send(FromParent::Totals(totals)).await;
+            }
+        }
+    }
+
+    /// Tells the serving worker, which counts it in its metrics.
+    async fn tell_serving(&mut self, msg: FromParent) {
+        if let Some(w) = self.serving_mut() {
+            w.send(msg).await;
         }
     }
 
@@ -833,6 +933,9 @@ impl Supervisor {
                         self.roll_back(pid, old, &how, served).await;
                     }
                     _ => {
+                        // The replacement counts on from the dead worker's last report.
+                        self.carried = worker.totals.clone().or(self.carried.take());
+                        self.predecessor = None;
                         let what = format!(
                             "worker {pid} (generation {generation}) died ({how}) after serving {}",
                             seconds(served)
@@ -870,10 +973,18 @@ impl Supervisor {
             w.state = State::Serving;
             w.serving_since = Some(Instant::now());
             w.send(FromParent::Resume).await;
+            w.send(FromParent::Restarted {
+                result: "rolled_back".into(),
+            })
+            .await;
             let spec = w.spec.clone();
             self.last_good = Some(spec.clone());
             self.take_config(&spec);
         }
+        self.tell_serving(FromParent::Crashes {
+            count: self.crashes,
+        })
+        .await;
         self.record(
             "rolled back",
             why.trim_start_matches("rolled back: "),
@@ -907,7 +1018,12 @@ impl Supervisor {
             return;
         }
         notify(&Notice::Stopping);
-        self.stopping = Some(tokio::time::Instant::now() + self.config.wait_timeout + KILL_GRACE);
+        self.stopping = Some(
+            tokio::time::Instant::now()
+                + self.config.shutdown_delay
+                + self.config.wait_timeout
+                + KILL_GRACE,
+        );
         self.replace_at = None;
         if let Some(s) = &self.starting {
             s.cancel.cancel();
@@ -930,7 +1046,16 @@ impl Supervisor {
         let me = self.pid;
         let desc = sig.description();
         if self.stopping.is_some() {
-            info!("[{me}] received signal {desc:?} while shutting down; nothing more to do.");
+            if self.config.signals.action(sig) == Some(SignalAction::Shutdown) {
+                info!(
+                    "[{me}] received signal {desc:?} again: the workers skip the rest of their shutdown delay."
+                );
+                for w in self.workers.values_mut() {
+                    w.send(FromParent::Stop).await;
+                }
+            } else {
+                info!("[{me}] received signal {desc:?} while shutting down; nothing more to do.");
+            }
             return;
         }
         match self.config.signals.action(sig) {
@@ -1063,6 +1188,14 @@ impl Supervisor {
                 execs: self.execs,
                 workers,
             }),
+            phase: Some(
+                if self.stopping.is_some() {
+                    "draining"
+                } else {
+                    "serving"
+                }
+                .into(),
+            ),
         }
     }
 
@@ -1329,6 +1462,7 @@ impl Supervisor {
                     spec: spec(w.spec)?,
                     channel,
                     handler: w.handler,
+                    totals: None,
                 },
             );
         }
@@ -1343,6 +1477,10 @@ impl Supervisor {
         self.replace_at = saved
             .replace_in_ms
             .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
+        let pids: Vec<u32> = self.workers.keys().copied().collect();
+        for pid in pids {
+            self.read_reports(pid);
+        }
         info!(
             "[{}] supervisor re-executed; adopted {} workers.",
             self.pid,

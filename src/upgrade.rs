@@ -169,7 +169,7 @@ pub(crate) enum Report {
 }
 
 /// What the old process sends the new one after the handover.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "msg", rename_all = "snake_case")]
 pub(crate) enum FromParent {
     /// A restart request that arrived during the upgrade.
@@ -186,14 +186,30 @@ pub(crate) enum FromParent {
         /// Its pid.
         pid: u32,
     },
+    /// The counters of the generations before, for the new one to carry forward (the
+    /// latest replaces any earlier).
+    Totals(crate::metrics::Totals),
     /// From a supervisor: stop accepting and drain, but stay loaded (probation).
     Standby,
     /// From a supervisor: accept again (the generation that took over died).
     Resume,
-    /// From a supervisor: drain and exit.
+    /// From a supervisor: drain and exit (a shutdown of the service: after the
+    /// shutdown delay).
     Stop,
+    /// From a supervisor: another worker took over; drain and exit at once.
+    Retire,
     /// From a supervisor: reopen the access log.
     Reopen,
+    /// From a supervisor: count an upgrade's outcome (`ok`, `failed`, `rolled_back`).
+    Restarted {
+        /// The outcome.
+        result: String,
+    },
+    /// From a supervisor: the workers that crashed so far.
+    Crashes {
+        /// How many.
+        count: u64,
+    },
     /// From a supervisor: call the handler's `on_signal` hook with this signal.
     Hook {
         /// The signal number.
@@ -201,8 +217,25 @@ pub(crate) enum FromParent {
     },
 }
 
+/// What a supervisor's worker reports after its ready.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "msg", rename_all = "snake_case")]
+pub(crate) enum FromWorker {
+    /// Its counters (its predecessors' included), every so often.
+    Totals(crate::metrics::Totals),
+}
+
 /// The channel between two generations, read as [`crate::wire`] lines.
 pub(crate) type Channel = Wire<UnixStream>;
+
+/// A second handle on `channel`'s socket, for a task that only writes (or only reads)
+/// while another owns the first.
+pub(crate) fn second_handle(channel: &Channel) -> std::io::Result<Channel> {
+    use std::os::fd::AsFd as _;
+    let fd = channel.get_ref().as_fd().try_clone_to_owned()?;
+    Wire::from_std(StdUnixStream::from(fd), MAX_LINE)
+        .map_err(|e| std::io::Error::other(e.to_string()))
+}
 
 /// The next message from the old process; `None` once it has gone. Messages of another
 /// version or kind are skipped. Cancellation-safe.

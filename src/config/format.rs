@@ -110,6 +110,30 @@ impl<'de> Deserialize<'de> for super::AccessLog {
     }
 }
 
+/// An optional listen address, written `"off"` when there is none.
+pub(super) mod optional_listen {
+    use super::*;
+
+    pub(in crate::config) fn serialize<S: Serializer>(
+        addr: &Option<ListenAddr>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match addr {
+            Some(addr) => addr.serialize(s),
+            None => s.serialize_str("off"),
+        }
+    }
+
+    pub(in crate::config) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<ListenAddr>, D::Error> {
+        match Option::<String>::deserialize(d)?.as_deref().map(str::trim) {
+            None | Some("off" | "") => Ok(None),
+            Some(spec) => ListenAddr::parse(spec).map(Some).map_err(de::Error::custom),
+        }
+    }
+}
+
 /// A size in bytes: read as `"1 MiB"`, `"64KiB"` or a number; written exactly, in the
 /// largest binary unit that divides it (`"64 KiB"`, `"1000 B"`).
 pub(super) mod size {

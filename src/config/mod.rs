@@ -31,6 +31,9 @@ pub use server_config::ServerConfig;
 
 use crate::signals::SignalRegistry;
 
+/// How the metrics listener's label starts, in a handover.
+pub const METRICS_LABEL: &str = "metrics:";
+
 /// The config file read when `--config` is not given (a missing one is fine).
 pub const DEFAULT_CONFIG_FILE: &str = "gem.toml";
 
@@ -123,8 +126,9 @@ pub struct Config {
     /// resume serving if the new one dies; zero turns it off.
     #[serde(with = "format::duration")]
     pub probation: Duration,
-    /// Where gem serves `/metrics`, `/healthz` and `/readyz` (not the plugin); off
-    /// when unset.
+    /// Where gem serves `/metrics`, `/healthz` and `/readyz` (not the plugin); written
+    /// `"off"` (the default) for none.
+    #[serde(with = "format::optional_listen")]
     pub metrics_listen: Option<ListenAddr>,
     /// On a shutdown, how long `/readyz` answers 503 while gem still accepts and serves,
     /// so that load balancers stop sending before the drain begins.
@@ -334,6 +338,17 @@ impl Config {
     pub fn to_json(&self) -> Result<String, ConfigError> {
         serde_json::to_string(self)
             .map_err(|e| ConfigError::from(figment::Error::from(e.to_string())))
+    }
+
+    /// Every socket to open: the `listen` addresses, then the metrics listener's, whose
+    /// label starts with [`METRICS_LABEL`] (so a handover tells them apart).
+    pub fn sockets(&self) -> Vec<ListenAddr> {
+        let mut all = self.listen.clone();
+        all.extend(self.metrics_listen.as_ref().map(|m| ListenAddr {
+            spec: format!("{METRICS_LABEL}{}", m.spec),
+            addr: m.addr,
+        }));
+        all
     }
 
     /// The defaults of `gem serve`: [`Config::default`] with a pid file.
