@@ -302,10 +302,12 @@ const REFERER: &str = "http://example.test/page";
 #[test]
 fn port_0_for_both_listen_and_metrics_listen_is_two_addresses() {
     // Two sockets the OS gives each its own port: not "the same address".
-    let (mut gem, metrics) = start_with_metrics(Spec::new(
-        "hello",
-        "metrics_listen = \"127.0.0.1:0\"\nprobation = \"0s\"",
-    ));
+    let extra = "metrics_listen = \"127.0.0.1:0\"\nprobation = \"0s\"";
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("gem.toml"), Spec::new("hello", extra).toml).unwrap();
+    let (status, _, err) = run_gem(dir.path(), &["check"], &[]);
+    assert!(status.success(), "gem check refused it: {err}");
+    let (mut gem, metrics) = start_with_metrics(Spec::new("hello", extra));
     assert_ne!(metrics.port(), gem.addr.port());
     assert_eq!(get(metrics, "/healthz").unwrap().status, 200);
     // Handed over like the other listeners: port 0 means the port first chosen.
