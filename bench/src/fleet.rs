@@ -469,6 +469,17 @@ pub fn rolling_upgrade(build: &Build, plan: &Plan) -> Result<String> {
         );
     }
     let with = &runs[0];
+    let without = &runs[1];
+    let _ = writeln!(
+        out,
+        "\nWith \"0s\" an instance stops accepting before HAProxy's checks can notice: the \
+         retries ({}), redispatches ({}) and response errors ({}) are requests HAProxy had \
+         to move elsewhere (`retries`, `option redispatch`, `retry-on conn-failure \
+         empty-response`); without those settings they are what its clients would see. \
+         With the delay, HAProxy marks each instance DOWN before it stops accepting, and \
+         has nothing to retry.",
+        without.retries, without.redispatches, without.resp_errors
+    );
     let failed = with.wrk.errors();
     let _ = writeln!(
         out,
