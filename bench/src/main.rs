@@ -1,12 +1,14 @@
 //! gem's benchmarks, side by side with a plain hyper server and nginx in one run on this
 //! machine: restarts under load, restart latency, throughput, memory and leaks, drain
 //! time, HTTP/2 through restarts, and supervised mode (restarts, a killed worker, a
-//! crashing plugin rolled back by probation, restart latency). Prints a table and
-//! rewrites BENCHMARKS.md.
+//! crashing plugin rolled back by probation, restart latency), a rolling upgrade behind
+//! HAProxy, and the cost of the access log and metrics. Prints a table and rewrites
+//! BENCHMARKS.md.
 //!
 //! Run it through `bench/run [--quick] [--only 2,3]`, which installs the tools and builds
 //! first.
 
+mod fleet;
 mod peers;
 mod supervise;
 mod tools;
@@ -121,7 +123,7 @@ fn main() -> Result<()> {
             args.get(i + 1)
                 .context("--only needs scenario numbers, e.g. --only 2,3")?
                 .split(',')
-                .map(|n| n.trim().parse().context("--only takes numbers 1 to 10"))
+                .map(|n| n.trim().parse().context("--only takes numbers 1 to 12"))
                 .collect::<Result<_>>()?,
         ),
         None => None,
@@ -135,7 +137,7 @@ fn main() -> Result<()> {
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
 
     type Scenario<'a> = (&'a str, Box<dyn Fn() -> Result<String> + 'a>);
-    let scenarios: [Scenario; 10] = [
+    let scenarios: [Scenario; 12] = [
         (
             "1. Restarts under load",
             Box::new(|| restarts_under_load(&build, &plan, workers)),
@@ -169,6 +171,14 @@ fn main() -> Result<()> {
         (
             "10. Restart latency, plain and supervised",
             Box::new(|| supervise::restart_latency(&build, &plan)),
+        ),
+        (
+            "11. Rolling upgrade behind HAProxy",
+            Box::new(|| fleet::rolling_upgrade(&build, &plan)),
+        ),
+        (
+            "12. Cost of the access log and metrics",
+            Box::new(|| fleet::cost(&build, &plan)),
         ),
     ];
     for (n, (title, run)) in (1..).zip(&scenarios) {

@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod client;
+pub mod fleet;
 pub mod load;
 pub mod supervise;
 
