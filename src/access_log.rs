@@ -34,6 +34,9 @@ const FLUSH_BYTES: usize = 64 * 1024;
 /// The buffer is written out at the latest this long after the previous write, even
 /// when the channel never runs empty.
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// How long the writer lets lines gather once it has written all it had, before it
+/// sleeps until the next line.
+const GATHER: Duration = Duration::from_millis(10);
 /// After a failed reopen, the next attempt waits this long (the old file is kept).
 const REOPEN_RETRY: Duration = Duration::from_secs(1);
 /// How long dropping the last clone waits for the writer to write what is queued.
@@ -318,7 +321,14 @@ impl Writer {
                     }
                     Err(TryRecvError::Empty) => {
                         self.flush();
-                        break;
+                        // Let lines gather before blocking: a writer blocked in recv()
+                        // is woken (a futex call) by every single send.
+                        std::thread::sleep(GATHER);
+                        match rx.try_recv() {
+                            Ok(msg) => self.handle(msg),
+                            Err(TryRecvError::Empty) => break,
+                            Err(TryRecvError::Disconnected) => break 'outer,
+                        }
                     }
                     Err(TryRecvError::Disconnected) => break 'outer,
                 }

@@ -102,6 +102,9 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a metrics connection may take to finish its request once `stop` fired.
+/// After the stop, how long a metrics connection is still answered before it closes.
+const IDLE_GRACE: Duration = Duration::from_millis(500);
+
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// The counters a generation carries forward to the next one, so that totals never go
@@ -532,8 +535,17 @@ pub(crate) async fn serve(
         .keep_alive(true);
     while let Some((stream, peer)) = backoff.accept(&stop, || listener.accept()).await {
         let endpoint = endpoint.clone();
+        let stopping = stop.clone();
         let service = service_fn(move |req: Request<Incoming>| {
-            let resp = answer(&req, &endpoint);
+            let mut resp = answer(&req, &endpoint);
+            if stopping.is_cancelled() {
+                // The next request goes to a new connection, to the generation that
+                // took over.
+                resp.headers_mut().insert(
+                    hyper::header::CONNECTION,
+                    hyper::header::HeaderValue::from_static("close"),
+                );
+            }
             async move { Ok::<_, Infallible>(resp) }
         });
         let conn = http.serve_connection(TokioIo::new(stream), service);
@@ -543,6 +555,15 @@ pub(crate) async fn serve(
             let result = tokio::select! {
                 res = conn.as_mut() => res,
                 () = stop.cancelled() => {
+                    // A request may already be on its way on this connection (a probe
+                    // that keeps its connection open): answer what arrives for a
+                    // moment, then close, as the main listeners do.
+                    if let Ok(res) = tokio::time::timeout(IDLE_GRACE, conn.as_mut()).await {
+                        if let Err(err) = res {
+                            debug!(%peer, cause = %err, "metrics connection ended with an error");
+                        }
+                        return;
+                    }
                     conn.as_mut().graceful_shutdown();
                     match tokio::time::timeout(STOP_GRACE, conn).await {
                         Ok(res) => res,

@@ -378,7 +378,8 @@ impl Config {
         let metrics_taken = self
             .metrics_listen
             .as_ref()
-            .is_some_and(|m| self.listen.iter().any(|l| l.addr == m.addr));
+            // Port 0 is a fresh port for each.
+            .is_some_and(|m| m.addr.port() != 0 && self.listen.iter().any(|l| l.addr == m.addr));
         [
             (
                 "listen",
