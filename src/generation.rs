@@ -144,6 +144,9 @@ pub(crate) struct Generation {
     /// The drain signal of what serves now, for the metrics' live counts.
     pub(crate) live_drain: watch::Sender<DrainSignal>,
     pub(crate) endpoint: Arc<Endpoint>,
+    /// Stops the metrics listener: when another generation takes over (a shutdown
+    /// keeps answering `/healthz` and `/readyz` until the exit).
+    pub(crate) metrics_stop: CancellationToken,
 }
 
 /// Loads the handler, opens the listeners and the control socket, starts accepting.
@@ -278,6 +281,7 @@ async fn start_serving(
             }
         });
     }
+    let metrics_stop = CancellationToken::new();
     let (ready, _) = watch::channel(true);
     let (live_drain, _) = watch::channel(drain.clone());
     let endpoint = Arc::new(Endpoint {
@@ -295,7 +299,7 @@ async fn start_serving(
         tokio::spawn(crate::metrics::serve(
             listener,
             endpoint.clone(),
-            drain.stop_accepting().clone(),
+            metrics_stop.clone(),
         ));
     }
     log_handler(pid, handler.as_ref());
@@ -318,6 +322,7 @@ async fn start_serving(
         ready,
         live_drain,
         endpoint,
+        metrics_stop,
     })
 }
 
@@ -523,10 +528,11 @@ impl Generation {
                 .try_clone()
                 .map_err(Error::io("duplicating a listener"))?;
             let listener = to_tokio(std::net::TcpListener::from(fd))?;
+            self.metrics_stop = CancellationToken::new();
             tokio::spawn(crate::metrics::serve(
                 listener,
                 self.endpoint.clone(),
-                drain.stop_accepting().clone(),
+                self.metrics_stop.clone(),
             ));
         }
         self.live_drain.send_replace(drain.clone());

@@ -171,6 +171,10 @@ pub(crate) async fn run<P: Spawner>(
         if matches!(ending, Ending::Shutdown | Ending::Orphaned) {
             generation.ready.send_replace(false);
         }
+        if ending != Ending::Shutdown {
+            // Another generation answers on the metrics listener now (or nobody).
+            generation.metrics_stop.cancel();
+        }
         if ending == Ending::Shutdown {
             delay_shutdown(&generation, &mut life, &mut sources).await;
         }
