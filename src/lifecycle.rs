@@ -492,11 +492,7 @@ impl Lifecycle {
     fn request_restart(&mut self, waiter: Option<oneshot::Sender<Reply>>, out: &mut Vec<Action>) {
         let pid = self.me.pid;
         if self.upgrade.is_some() {
-            let follow_up = self.follow_up.get_or_insert_with(|| {
-                info!("[{pid}] an upgrade is already running; one more will follow it.");
-                Vec::new()
-            });
-            follow_up.extend(waiter);
+            book_follow_up(&mut self.follow_up, waiter, pid);
             return;
         }
         info!("[{pid}] Restarting...");
@@ -616,6 +612,20 @@ impl Lifecycle {
             phase: Some(self.phase.borrow().name().to_owned()),
         }
     }
+}
+
+/// Coalesces a restart asked for while an upgrade runs into the one follow-up, with its
+/// waiters.
+pub(crate) fn book_follow_up(
+    follow_up: &mut Option<Vec<oneshot::Sender<Reply>>>,
+    waiters: impl IntoIterator<Item = oneshot::Sender<Reply>>,
+    pid: u32,
+) {
+    let booked = follow_up.get_or_insert_with(|| {
+        info!("[{pid}] an upgrade is already running; one more will follow it.");
+        Vec::new()
+    });
+    booked.extend(waiters);
 }
 
 fn millis(d: Duration) -> u64 {

@@ -42,6 +42,7 @@ use crate::control::{
 };
 use crate::error::Error;
 use crate::handler::HandlerInfo;
+use crate::lifecycle::book_follow_up;
 use crate::listeners::open_listeners;
 use crate::metrics::Totals;
 use crate::service::{Notice, notify, remove_pid_file, write_pid_file};
@@ -177,6 +178,20 @@ struct Worker {
 }
 
 impl Worker {
+    /// A worker that is being killed and is listed until it is reaped.
+    fn dying(pid: u32, generation: u64, spec: Arc<Spec>) -> Worker {
+        Worker {
+            pid,
+            generation,
+            state: State::Draining,
+            serving_since: None,
+            spec,
+            channel: None,
+            handler: None,
+            totals: None,
+        }
+    }
+
     async fn send(&mut self, msg: FromParent) {
         let pid = self.pid;
         if let Some(channel) = &mut self.channel
@@ -593,19 +608,8 @@ impl Supervisor {
                         let _ = w.send(Reply::error("the server is shutting down", self.pid));
                     }
                 }
-                self.workers.insert(
-                    pid,
-                    Worker {
-                        pid,
-                        generation: starting.generation,
-                        state: State::Draining,
-                        serving_since: None,
-                        spec: starting.spec,
-                        channel: None,
-                        handler: None,
-                        totals: None,
-                    },
-                );
+                self.workers
+                    .insert(pid, Worker::dying(pid, starting.generation, starting.spec));
             }
             Ok((channel, handler)) => {
                 self.took_over(starting, channel, handler).await;
@@ -617,16 +621,7 @@ impl Supervisor {
                     // Not reaped yet: keep it listed until it is.
                     self.workers.insert(
                         pid,
-                        Worker {
-                            pid,
-                            generation: starting.generation,
-                            state: State::Draining,
-                            serving_since: None,
-                            spec: starting.spec.clone(),
-                            channel: None,
-                            handler: None,
-                            totals: None,
-                        },
+                        Worker::dying(pid, starting.generation, starting.spec.clone()),
                     );
                 }
                 let generation = starting.generation;
@@ -842,11 +837,7 @@ impl Supervisor {
     fn upgrade(&mut self, waiters: Vec<oneshot::Sender<Reply>>) {
         let pid = self.pid;
         if self.starting.is_some() {
-            let follow_up = self.follow_up.get_or_insert_with(|| {
-                info!("[{pid}] an upgrade is already running; one more will follow it.");
-                Vec::new()
-            });
-            follow_up.extend(waiters);
+            book_follow_up(&mut self.follow_up, waiters, pid);
             return;
         }
         info!("[{pid}] Restarting...");
