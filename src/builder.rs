@@ -253,8 +253,10 @@ pub fn report_startup_failure(reason: &str) {
 pub enum Role {
     /// A worker of a supervisor, with the configuration the supervisor handed it.
     Worker(Box<Config>),
-    /// A supervisor that re-executed itself: supervise again.
-    Supervisor,
+    /// A supervisor that re-executed itself: supervise again, with the configuration
+    /// it had (gem.toml is read again at the next restart, not now: a broken edit must
+    /// not take the service down with the exec).
+    Supervisor(Box<Config>),
     /// Nothing inherited from a supervisor: load the configuration and decide.
     Fresh,
 }
@@ -264,8 +266,16 @@ pub enum Role {
 /// what is on disk now.
 pub fn role() -> Result<Role, crate::config::ConfigError> {
     match crate::handover::claimed_role() {
-        (Some(json), _) => Ok(Role::Worker(Box::new(Config::from_json(&json)?))),
-        (None, true) => Ok(Role::Supervisor),
-        (None, false) => Ok(Role::Fresh),
+        (Some(json), _) => {
+            let mut config = Config::from_json(&json)?;
+            // The supervisor's.
+            config.pid_file = None;
+            config.control_socket = None;
+            Ok(Role::Worker(Box::new(config)))
+        }
+        (None, Some(state)) => Ok(Role::Supervisor(Box::new(crate::supervisor::saved_config(
+            &state,
+        )?))),
+        (None, None) => Ok(Role::Fresh),
     }
 }

@@ -242,13 +242,11 @@ fn describe(s: &Status, now: SystemTime) -> String {
     if let Some(sha) = &p.sha256 {
         let _ = writeln!(out, "sha256:       {sha}");
     }
-    if s.supervisor.is_none() {
-        let _ = writeln!(
-            out,
-            "in flight:    {} requests on {} connections",
-            s.in_flight, s.connections
-        );
-    }
+    let _ = writeln!(
+        out,
+        "in flight:    {} requests on {} connections",
+        s.in_flight, s.connections
+    );
     match &s.last_upgrade {
         Some(u) => {
             let reason = match u.reason.as_str() {

@@ -176,16 +176,16 @@ pub fn claim_handover() {
 }
 
 /// What the claim says about this process's role: the config a supervisor handed this
-/// worker (JSON), and whether this is a supervisor that re-executed itself.
-pub(crate) fn claimed_role() -> (Option<String>, bool) {
+/// worker (JSON), or the state of a supervisor that re-executed itself (JSON).
+pub(crate) fn claimed_role() -> (Option<String>, Option<String>) {
     claim_handover();
     let claim = CLAIM.lock().unwrap_or_else(PoisonError::into_inner);
     match &*claim {
         Some(Claim::Held(Ok(inherited))) => (
             inherited.worker.as_ref().map(|w| w.config.clone()),
-            inherited.supervisor_state.is_some(),
+            inherited.supervisor_state.as_ref().map(|s| s.json.clone()),
         ),
-        _ => (None, false),
+        _ => (None, None),
     }
 }
 

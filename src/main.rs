@@ -192,13 +192,13 @@ fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     gem::claim_handover();
     let role = gem::role();
     let loaded = match &role {
-        Ok(gem::Role::Worker(config)) => Ok((**config).clone()),
+        Ok(gem::Role::Worker(config) | gem::Role::Supervisor(config)) => Ok((**config).clone()),
         Err(err) => Err(gem::config::ConfigError::Invalid {
             key: "(the configuration handed over by the supervisor)".into(),
             origin: String::new(),
             message: err.to_string(),
         }),
-        Ok(_) => args.load(),
+        Ok(gem::Role::Fresh) => args.load(),
     };
     let config = match loaded {
         Ok(config) => config,
@@ -212,7 +212,7 @@ fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     }
     let runtime = gem::runtime().context("starting the async runtime")?;
     let supervise = match role {
-        Ok(gem::Role::Supervisor) => true,
+        Ok(gem::Role::Supervisor(_)) => true,
         Ok(gem::Role::Fresh) => config.supervise.enabled(),
         _ => false,
     };

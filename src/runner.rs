@@ -158,7 +158,7 @@ pub(crate) async fn run<P: Spawner>(
     if matches!(generation.role, Role::Worker { .. })
         && let Some(channel) = &parent
     {
-        report_totals(channel, generation.metrics.clone());
+        report_totals(channel, &generation);
     }
     let mut sources = Sources {
         signals,
@@ -166,8 +166,16 @@ pub(crate) async fn run<P: Spawner>(
         calls,
         parent,
     };
+    // A worker whose supervisor went away before it could report ready.
+    let mut orphan = matches!(generation.role, Role::Worker { .. }) && sources.parent.is_none();
     let exit = loop {
-        let (ending, upgraded) = serve(&generation, &mut spawner, &mut life, &mut sources).await;
+        let (ending, upgraded) = if std::mem::take(&mut orphan) {
+            warn!("[{}] the supervisor is gone; stopping.", generation.pid);
+            life.set_phase(Phase::Draining);
+            (Ending::Orphaned, None)
+        } else {
+            serve(&generation, &mut spawner, &mut life, &mut sources).await
+        };
         if matches!(ending, Ending::Shutdown | Ending::Orphaned) {
             generation.ready.send_replace(false);
         }
@@ -207,20 +215,18 @@ pub(crate) async fn run<P: Spawner>(
                     drain,
                 },
             },
-            (Ending::Standby, _) => match stand_by(&mut life, &mut sources).await {
-                Verdict::Died(_) => {
-                    resume(&mut generation, &mut life, &mut sources, None)?;
-                    continue;
+            (Ending::Standby, _) => {
+                match stand_by(&generation.drain, &mut life, &mut sources).await {
+                    Verdict::Died(_) => {
+                        resume(&mut generation, &mut life, &mut sources, None)?;
+                        continue;
+                    }
+                    Verdict::Over => Drain::Shutdown(drain),
                 }
-                Verdict::Over => Drain::Shutdown(drain),
-            },
+            }
             (Ending::Orphaned, _) => {
                 // Stop serving now; what is in flight gets a second at most.
-                let cut = generation.drain.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(ORPHAN_GRACE).await;
-                    cut.cut().cancel();
-                });
+                cut_soon(&generation.drain);
                 Drain::Shutdown(drain)
             }
             _ => Drain::Shutdown(drain),
@@ -265,6 +271,11 @@ async fn delay_shutdown<S: Stream<Item = Signal> + Unpin>(
                     info!("[{pid}] the supervisor asks again: skipping the rest of the shutdown delay.");
                     break;
                 }
+                Event::ParentGone if matches!(generation.role, Role::Worker { .. }) => {
+                    warn!("[{pid}] the supervisor is gone: skipping the rest of the shutdown delay.");
+                    cut_soon(&generation.drain);
+                    break;
+                }
                 event => {
                     life.handle(event);
                 }
@@ -275,21 +286,38 @@ async fn delay_shutdown<S: Stream<Item = Signal> + Unpin>(
 }
 
 /// A worker tells its supervisor its counters every so often, so that the next worker
-/// counts on from them.
-fn report_totals(channel: &Channel, metrics: crate::metrics::Metrics) {
+/// counts on from them, and its load, for `gem status`.
+fn report_totals(channel: &Channel, generation: &Generation) {
+    use crate::upgrade::{FromWorker, Msg};
     let Ok(mut writer) = crate::upgrade::second_handle(channel) else {
         return;
     };
+    let metrics = generation.metrics.clone();
+    let live = generation.endpoint.live.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         loop {
             tick.tick().await;
-            let msg =
-                crate::upgrade::Msg::new(crate::upgrade::FromWorker::Totals(metrics.totals()));
-            if writer.send(&msg).await.is_err() {
+            let now = live();
+            let load = Msg::new(FromWorker::Load {
+                in_flight: now.in_flight,
+                connections: now.connections,
+            });
+            let totals = Msg::new(FromWorker::Totals(metrics.totals()));
+            if writer.send(&totals).await.is_err() || writer.send(&load).await.is_err() {
                 return;
             }
         }
+    });
+}
+
+/// Cuts what is still open after [`ORPHAN_GRACE`]: a worker without its supervisor
+/// must not serve on.
+fn cut_soon(drain: &DrainSignal) {
+    let cut = drain.cut().clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(ORPHAN_GRACE).await;
+        cut.cancel();
     });
 }
 
@@ -311,8 +339,14 @@ async fn serve<P: Spawner, S: Stream<Item = Signal> + Unpin>(
             joined = async { (&mut task.as_mut()?.join).await.ok() }, if task.is_some() => {
                 task = None;
                 let event = upgrade_done(joined, &mut upgraded);
-                let ok = matches!(event, Event::UpgradeDone(Ok(_)));
-                generation.metrics.restart(if ok { "ok" } else { "failed" });
+                match event {
+                    Event::UpgradeDone(Err(_)) => generation.metrics.restart("failed"),
+                    // On probation, it counts once the probation is over.
+                    Event::UpgradeDone(Ok(_)) if life.probation().is_none() => {
+                        generation.metrics.restart("ok");
+                    }
+                    _ => {}
+                }
                 event
             }
             event = sources.next(), if sources.open() => match event {
@@ -403,6 +437,7 @@ async fn on_probation<S: Stream<Item = Signal> + Unpin>(
                 if status.success() {
                     info!("[{pid}] process {to} exited normally during the probation; probation over.");
                     life.probation_passed();
+                    generation.metrics.restart("ok");
                     return Verdict::Over;
                 }
                 let why = format!(
@@ -417,6 +452,9 @@ async fn on_probation<S: Stream<Item = Signal> + Unpin>(
             () = tokio::time::sleep_until(over) => {
                 info!("[{pid}] probation over: process {to} has served for {}.", seconds(probation));
                 life.probation_passed();
+                generation.metrics.restart("ok");
+                // Counted after the new process's last report: tell it now.
+                let _ = child.send(FromParent::Totals(generation.metrics.totals())).await;
                 return Verdict::Over;
             }
             _ = tick.tick() => {
@@ -441,6 +479,7 @@ async fn on_probation<S: Stream<Item = Signal> + Unpin>(
 
 /// A worker on standby: drains, and waits for its supervisor to resume or stop it.
 async fn stand_by<S: Stream<Item = Signal> + Unpin>(
+    drain: &DrainSignal,
     life: &mut Lifecycle,
     sources: &mut Sources<S>,
 ) -> Verdict {
@@ -451,7 +490,10 @@ async fn stand_by<S: Stream<Item = Signal> + Unpin>(
             Some(Event::Parent(FromParent::Resume)) => {
                 return Verdict::Died("resumed by the supervisor".into());
             }
-            Some(Event::Parent(FromParent::Stop)) | Some(Event::ParentGone) | None => {
+            Some(Event::Parent(FromParent::Stop)) => return Verdict::Over,
+            Some(Event::ParentGone) | None => {
+                warn!("[{pid}] the supervisor is gone; stopping.");
+                cut_soon(drain);
                 return Verdict::Over;
             }
             Some(Event::Signal(sig)) if life.is_shutdown(sig) => {

@@ -62,6 +62,8 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A worker that served this long resets the backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(60);
+/// How long a message to a worker may wait for room in its channel.
+const SEND_TIMEOUT: Duration = Duration::from_secs(1);
 /// After `wait_timeout`, how long stopping workers get before they are killed.
 const KILL_GRACE: Duration = Duration::from_secs(5);
 
@@ -175,6 +177,8 @@ struct Worker {
     handler: Option<HandlerInfo>,
     /// Its counters, as it last reported them.
     totals: Option<Totals>,
+    /// Its requests in flight and open connections, as it last reported them.
+    load: (usize, usize),
 }
 
 impl Worker {
@@ -189,15 +193,20 @@ impl Worker {
             channel: None,
             handler: None,
             totals: None,
+            load: (0, 0),
         }
     }
 
+    /// Tells the worker; a worker that does not read (stopped, wedged) within a
+    /// second is not waited for: the supervisor must go on reaping and answering.
     async fn send(&mut self, msg: FromParent) {
         let pid = self.pid;
-        if let Some(channel) = &mut self.channel
-            && let Err(e) = channel.send(&Msg::new(msg)).await
-        {
-            debug!("could not tell worker {pid}: {e}");
+        if let Some(channel) = &mut self.channel {
+            match tokio::time::timeout(SEND_TIMEOUT, channel.send(&Msg::new(msg))).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!("could not tell worker {pid}: {e}"),
+                Err(_) => warn!("worker {pid} does not read its channel; a message was dropped"),
+            }
         }
     }
 }
@@ -224,6 +233,8 @@ struct Starting {
     cancel: CancellationToken,
     /// Told how the worker ended, if it dies before ready.
     died: Option<oneshot::Sender<String>>,
+    /// How it ended, once reaped (it may have reported ready just before).
+    exited: Option<String>,
 }
 
 /// A probation under way: `old` stands by while `new` proves itself.
@@ -266,8 +277,10 @@ struct Supervisor {
     ready_told: bool,
     /// Why the supervisor stops on its own (its first worker failed).
     fatal: Option<String>,
+    /// Until when the workers keep serving in their shutdown delay, for `gem status`.
+    delay_until: Option<Instant>,
     /// Where workers' reports arrive.
-    reports: mpsc::Sender<(u32, Totals)>,
+    reports: mpsc::Sender<(u32, FromWorker)>,
     /// What the serving worker counts on from: the counters of the one before it.
     carried: Option<Totals>,
     /// The worker whose reports update `carried` (the one the serving worker replaced,
@@ -305,6 +318,7 @@ pub async fn supervise(config: Config, loader: Loader) -> Result<(), Error> {
         stop_waiters: Vec::new(),
         ready_told: false,
         fatal: None,
+        delay_until: None,
         reports: reports_tx,
         carried: None,
         predecessor: None,
@@ -475,6 +489,7 @@ impl Supervisor {
                     join,
                     cancel,
                     died: Some(died_tx),
+                    exited: None,
                 });
             }
             Err(err) => {
@@ -544,7 +559,11 @@ impl Supervisor {
                 if self.stopping.is_none() {
                     self.crashed(spec, why, None);
                 }
+                // A restart asked for meanwhile may bring the fix.
+                self.run_follow_up();
             }
+            // A shutdown that stopped the start is no failure.
+            Purpose::First if self.stopping.is_some() => {}
             Purpose::First => {
                 error!("[{pid}] {why}; nothing serves, so the supervisor stops.");
                 self.fatal = Some(why.to_owned());
@@ -595,11 +614,17 @@ impl Supervisor {
             return;
         };
         let pid = starting.pid;
-        let result = match outcome {
-            Some((channel, Ok(handler))) => Ok((channel, handler)),
-            Some((_, Err(err))) => Err(err),
-            None => Err(UpgradeError::Task("it panicked".into())),
+        let result = match (outcome, &starting.exited) {
+            // Ready, and dead already: it never served.
+            (Some((_, Ok(_))), Some(how)) => Err(UpgradeError::ChildExited {
+                pid,
+                status: format!("{how}, right after it reported ready"),
+            }),
+            (Some((channel, Ok(handler))), None) => Ok((channel, handler)),
+            (Some((_, Err(err))), _) => Err(err),
+            (None, _) => Err(UpgradeError::Task("it panicked".into())),
         };
+        let reaped = starting.exited.is_some();
         match result {
             Ok(_) if self.stopping.is_some() => {
                 kill(pid);
@@ -615,9 +640,10 @@ impl Supervisor {
                 self.took_over(starting, channel, handler).await;
             }
             Err(why) => {
-                // Killed if still running; the reaper collects it either way.
-                kill(pid);
-                if starting.died.is_some() {
+                // Killed if still running (a reaped pid may be another process's now);
+                // the reaper collects it and it stays listed until then.
+                if !reaped {
+                    kill(pid);
                     // Not reaped yet: keep it listed until it is.
                     self.workers.insert(
                         pid,
@@ -667,6 +693,7 @@ impl Supervisor {
                 channel: Some(channel),
                 handler,
                 totals: None,
+                load: (0, 0),
             },
         );
         self.read_reports(pid);
@@ -694,6 +721,8 @@ impl Supervisor {
         }
         self.last_good = Some(starting.spec.clone());
         self.take_config(&starting.spec);
+        // Something serves: a replacement still due is not needed any more.
+        self.replace_at = None;
         self.end_probation().await;
         let probation = starting.spec.config.probation;
         if let Some(old) = old.and_then(|o| self.workers.get_mut(&o)) {
@@ -746,7 +775,7 @@ impl Supervisor {
                 }
                 self.run_follow_up();
             }
-            Purpose::Replace | Purpose::First => {}
+            Purpose::Replace | Purpose::First => self.run_follow_up(),
         }
     }
 
@@ -763,8 +792,7 @@ impl Supervisor {
             loop {
                 match reader.recv::<Msg<FromWorker>>().await {
                     Ok(Some(msg)) => {
-                        let FromWorker::Totals(totals) = msg.body;
-                        if reports.send((pid, totals)).await.is_err() {
+                        if reports.send((pid, msg.body)).await.is_err() {
                             return;
                         }
                     }
@@ -775,8 +803,20 @@ impl Supervisor {
         });
     }
 
-    /// Worker `pid` reported its counters.
-    async fn reported(&mut self, pid: u32, totals: Totals) {
+    /// Worker `pid` reported its counters or its load.
+    async fn reported(&mut self, pid: u32, report: FromWorker) {
+        let totals = match report {
+            FromWorker::Totals(totals) => totals,
+            FromWorker::Load {
+                in_flight,
+                connections,
+            } => {
+                if let Some(w) = self.workers.get_mut(&pid) {
+                    w.load = (in_flight, connections);
+                }
+                return;
+            }
+        };
         if let Some(w) = self.workers.get_mut(&pid) {
             w.totals = Some(totals.clone());
         }
@@ -899,8 +939,9 @@ impl Supervisor {
             && starting.pid == pid
         {
             if let Some(died) = starting.died.take() {
-                let _ = died.send(how);
+                let _ = died.send(how.clone());
             }
+            starting.exited = Some(how);
             return;
         }
         let Some(worker) = self.workers.remove(&pid) else {
@@ -960,6 +1001,8 @@ impl Supervisor {
         );
         error!("[{me}] {why}.");
         self.crashes += 1;
+        // The resumed worker counts on from its own base; it is nobody's successor.
+        self.predecessor = None;
         if let Some(w) = self.workers.get_mut(&old) {
             w.state = State::Serving;
             w.serving_since = Some(Instant::now());
@@ -1009,6 +1052,7 @@ impl Supervisor {
             return;
         }
         notify(&Notice::Stopping);
+        self.delay_until = Some(Instant::now() + self.config.shutdown_delay);
         self.stopping = Some(
             tokio::time::Instant::now()
                 + self.config.shutdown_delay
@@ -1041,6 +1085,7 @@ impl Supervisor {
                 info!(
                     "[{me}] received signal {desc:?} again: the workers skip the rest of their shutdown delay."
                 );
+                self.delay_until = None;
                 for w in self.workers.values_mut() {
                     w.send(FromParent::Stop).await;
                 }
@@ -1166,10 +1211,18 @@ impl Supervisor {
             ),
             listen: spec.map(|s| s.local_addrs()).unwrap_or_default(),
             plugin,
-            in_flight: 0,
-            connections: 0,
+            in_flight: serving.map_or(0, |w| w.load.0),
+            connections: serving.map_or(0, |w| w.load.1),
             last_upgrade: self.last_upgrade.clone(),
-            draining: Vec::new(),
+            draining: self
+                .workers
+                .values()
+                .filter(|w| matches!(w.state, State::Draining | State::Standby))
+                .map(|w| control::Draining {
+                    pid: w.pid,
+                    connections: w.load.1,
+                })
+                .collect(),
             supervisor: Some(SupervisorStatus {
                 pid: self.pid,
                 crashes: self.crashes,
@@ -1179,14 +1232,7 @@ impl Supervisor {
                 execs: self.execs,
                 workers,
             }),
-            phase: Some(
-                if self.stopping.is_some() {
-                    "draining"
-                } else {
-                    "serving"
-                }
-                .into(),
-            ),
+            phase: Some(self.phase().into()),
         }
     }
 
@@ -1200,6 +1246,23 @@ impl Supervisor {
             control_socket,
             ..spec.config.clone()
         };
+    }
+
+    /// The service's phase, for `gem status`.
+    fn phase(&self) -> &'static str {
+        let delaying = self.delay_until.is_some_and(|until| Instant::now() < until);
+        match (&self.stopping, &self.starting) {
+            (Some(_), _) if delaying => "shutdown_delay",
+            (Some(_), _) => "draining",
+            (
+                None,
+                Some(Starting {
+                    purpose: Purpose::Upgrade(_),
+                    ..
+                }),
+            ) => "upgrading",
+            _ => "serving",
+        }
     }
 
     fn record(&mut self, result: &str, reason: &str, pid: Option<u32>) {
@@ -1216,6 +1279,8 @@ impl Supervisor {
 /// close-on-exec) at the numbers recorded here.
 #[derive(Debug, Serialize, Deserialize)]
 struct Saved {
+    /// The supervisor's own configuration.
+    config: String,
     /// Every fd below, for the claim.
     fds: Vec<RawFd>,
     control: Option<RawFd>,
@@ -1229,6 +1294,9 @@ struct Saved {
     execs: u64,
     last_upgrade: Option<LastUpgrade>,
     replace_in_ms: Option<u64>,
+    /// What the serving worker counts on from, and whose reports update it.
+    carried: Option<Totals>,
+    predecessor: Option<u32>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -1371,7 +1439,12 @@ impl Supervisor {
         fds.dedup();
         keep.sort_by_key(AsRawFd::as_raw_fd);
         keep.dedup_by_key(|fd| fd.as_raw_fd());
+        let config = self
+            .config
+            .to_json()
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
         let saved = Saved {
+            config,
             fds,
             control: self.control_fd.as_ref().map(AsRawFd::as_raw_fd),
             specs: saved_specs,
@@ -1385,6 +1458,8 @@ impl Supervisor {
             replace_in_ms: self
                 .replace_at
                 .map(|at| millis(at.saturating_duration_since(tokio::time::Instant::now()))),
+            carried: self.carried.clone(),
+            predecessor: self.predecessor,
         };
         Ok((saved, keep))
     }
@@ -1454,6 +1529,7 @@ impl Supervisor {
                     channel,
                     handler: w.handler,
                     totals: None,
+                    load: (0, 0),
                 },
             );
         }
@@ -1463,6 +1539,8 @@ impl Supervisor {
         self.crashes = saved.crashes;
         self.streak = saved.streak;
         self.execs = saved.execs + 1;
+        self.carried = saved.carried;
+        self.predecessor = saved.predecessor;
         self.last_upgrade = saved.last_upgrade;
         self.ready_told = true;
         self.replace_at = saved
@@ -1479,6 +1557,18 @@ impl Supervisor {
         );
         Ok(())
     }
+}
+
+/// The configuration a re-executed supervisor had before the exec, from its saved
+/// state.
+pub(crate) fn saved_config(state: &str) -> Result<Config, ConfigError> {
+    #[derive(Deserialize)]
+    struct Only {
+        config: String,
+    }
+    let only: Only = serde_json::from_str(state)
+        .map_err(|e| ConfigError::from(figment::Error::from(e.to_string())))?;
+    Config::from_json(&only.config)
 }
 
 /// The delay before replacement number `streak + 1` of a crash streak.

@@ -223,6 +223,13 @@ pub(crate) enum FromParent {
 pub(crate) enum FromWorker {
     /// Its counters (its predecessors' included), every so often.
     Totals(crate::metrics::Totals),
+    /// Its load right now, every so often, for `gem status`.
+    Load {
+        /// Requests in flight.
+        in_flight: usize,
+        /// Open client connections.
+        connections: usize,
+    },
 }
 
 /// The channel between two generations, read as [`crate::wire`] lines.

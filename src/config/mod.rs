@@ -322,16 +322,13 @@ impl Config {
         Ok(config)
     }
 
-    /// The configuration a supervisor hands its worker (see [`Config::to_json`]), with
-    /// no pid file or control socket: those are the supervisor's.
+    /// A configuration written by [`Config::to_json`]: the one a supervisor hands its
+    /// worker, or keeps across a re-exec of itself.
     pub fn from_json(json: &str) -> Result<Config, ConfigError> {
         let value: serde_json::Value = serde_json::from_str(json)
             .map_err(|e| ConfigError::from(figment::Error::from(e.to_string())))?;
         let figment = Figment::from(figment::providers::Serialized::defaults(value));
-        let mut config = Config::extract(&figment)?;
-        config.pid_file = None;
-        config.control_socket = None;
-        Ok(config)
+        Config::extract(&figment)
     }
 
     /// This configuration as JSON, for a worker.
