@@ -214,7 +214,7 @@ impl Gem {
             }
             None => Command::new(program),
         };
-        let mut child = command
+        command
             .arg("serve")
             .args(&spec.args)
             .current_dir(dir.path())
@@ -222,9 +222,8 @@ impl Gem {
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::piped());
+        let mut child = spawn_copied(&mut command);
         let logs = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().unwrap();
         let sink = logs.clone();
@@ -426,4 +425,22 @@ fn addr_of(line: &str) -> SocketAddr {
     let rest = &line[start..];
     let end = rest.find(' ').unwrap_or(rest.len());
     rest[..end].parse().unwrap()
+}
+
+/// Spawns `command`. A binary a test has just copied may still be open for writing in
+/// another test's child between its fork and its exec (the fd is close-on-exec), and
+/// exec then fails with "Text file busy" for that moment: try again until a deadline.
+pub fn spawn_copied(command: &mut Command) -> std::process::Child {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match command.spawn() {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ExecutableFileBusy
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            other => return other.unwrap(),
+        }
+    }
 }
