@@ -116,6 +116,8 @@ enum Msg {
     Entry(Box<Entry>),
     /// Nothing to write: wakes the writer to look at [`Shared::reopen`].
     Wake,
+    /// Write out everything queued before this, then say so.
+    Flush(mpsc::SyncSender<()>),
 }
 
 /// The writer thread.
@@ -234,6 +236,25 @@ impl AccessLog {
         let _ = self.inner.tx.try_send(Msg::Wake);
     }
 
+    /// Writes out every line queued so far, waiting at most `within` (a process about
+    /// to exit: its runtime may not wait for the last clone to be dropped). Blocking.
+    pub(crate) fn flush(&self, within: Duration) {
+        let (done, flushed) = mpsc::sync_channel(1);
+        let deadline = std::time::Instant::now() + within;
+        let mut msg = Msg::Flush(done);
+        loop {
+            match self.inner.tx.try_send(msg) {
+                Ok(()) => break,
+                Err(mpsc::TrySendError::Full(back)) if std::time::Instant::now() < deadline => {
+                    msg = back;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(_) => return,
+            }
+        }
+        let _ = flushed.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()));
+    }
+
     /// Lines dropped so far.
     pub(crate) fn dropped(&self) -> u64 {
         self.inner.shared.dropped.load(Ordering::Relaxed)
@@ -343,7 +364,15 @@ impl Writer {
         if self.shared.reopen.swap(false, Ordering::AcqRel) || retry_due {
             self.reopen();
         }
-        let Msg::Entry(entry) = msg else { return };
+        let entry = match msg {
+            Msg::Entry(entry) => entry,
+            Msg::Flush(done) => {
+                self.flush();
+                let _ = done.send(());
+                return;
+            }
+            Msg::Wake => return,
+        };
         let before = self.buf.len();
         match format_line(self.format, &entry, &mut self.buf) {
             Ok(()) => {}

@@ -17,10 +17,12 @@ pub enum Error {
     #[error(transparent)]
     Plugin(#[from] PluginError),
     /// A listen address could not be bound.
-    #[error("cannot listen on {addr} (key `listen`): {source}")]
+    #[error("cannot listen on {addr} (key `{key}`): {source}")]
     Listen {
         /// The address as configured.
         addr: String,
+        /// The setting it comes from: `listen` or `metrics_listen`.
+        key: &'static str,
         /// Why.
         source: std::io::Error,
     },
@@ -82,5 +84,23 @@ impl Error {
     /// Wraps an I/O error with what gem was doing.
     pub fn io(context: &'static str) -> impl FnOnce(std::io::Error) -> Error {
         move |source| Error::Io { context, source }
+    }
+}
+
+impl Error {
+    /// A socket of `Config::sockets` (labelled as in a handover) that could not be bound.
+    pub(crate) fn listen(label: String, source: std::io::Error) -> Error {
+        match label.strip_prefix(crate::config::METRICS_LABEL) {
+            Some(addr) => Error::Listen {
+                addr: addr.to_owned(),
+                key: "metrics_listen",
+                source,
+            },
+            None => Error::Listen {
+                addr: label,
+                key: "listen",
+                source,
+            },
+        }
     }
 }

@@ -147,6 +147,10 @@ pub(crate) struct Generation {
     /// Stops the metrics listener: when another generation takes over (a shutdown
     /// keeps answering `/healthz` and `/readyz` until the exit).
     pub(crate) metrics_stop: CancellationToken,
+    /// `true` once the predecessors' counters are in (at once for a first generation).
+    pub(crate) based: watch::Sender<bool>,
+    /// The metrics listener's task, which ends once its connections have.
+    pub(crate) metrics_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// Loads the handler, opens the listeners and the control socket, starts accepting.
@@ -205,10 +209,7 @@ async fn start_serving(
     let handler = load_handler(source).await?;
     check_signal_hook(&config.signals, handler.as_ref())?;
     let (sockets, metrics_socket): (Vec<_>, Vec<_>) = open_listeners(&config.sockets(), inherited)
-        .map_err(|(addr, source)| Error::Listen {
-            addr: addr.spec,
-            source,
-        })?
+        .map_err(|(addr, source)| Error::listen(addr.spec, source))?
         .into_iter()
         .partition(|(addr, _)| !addr.spec.starts_with(METRICS_LABEL));
     let access_log =
@@ -282,6 +283,12 @@ async fn start_serving(
         });
     }
     let metrics_stop = CancellationToken::new();
+    let mut metrics_task = None;
+    // A generation with predecessors counts on from theirs: until their totals are in
+    // (or a second passed), its metrics would look like a reset, so the metrics
+    // listener waits (connections queue, and the old generation still answers).
+    let has_predecessor = number > 1 || matches!(role, Role::Worker { .. });
+    let (based, _) = watch::channel(!has_predecessor);
     let (ready, _) = watch::channel(true);
     let (live_drain, _) = watch::channel(drain.clone());
     let endpoint = Arc::new(Endpoint {
@@ -296,11 +303,12 @@ async fn start_serving(
                 .local_addr()
                 .map_or_else(|_| "?".into(), |a| a.to_string())
         );
-        tokio::spawn(crate::metrics::serve(
-            listener,
-            endpoint.clone(),
-            metrics_stop.clone(),
-        ));
+        let (endpoint, stop) = (endpoint.clone(), metrics_stop.clone());
+        let mut based = based.subscribe();
+        metrics_task = Some(tokio::spawn(async move {
+            let _ = tokio::time::timeout(crate::runner::BASE_WAIT, based.wait_for(|b| *b)).await;
+            crate::metrics::serve(listener, endpoint, stop).await;
+        }));
     }
     log_handler(pid, handler.as_ref());
     Ok(Generation {
@@ -323,6 +331,8 @@ async fn start_serving(
         live_drain,
         endpoint,
         metrics_stop,
+        based,
+        metrics_task: std::sync::Mutex::new(metrics_task),
     })
 }
 
@@ -529,11 +539,14 @@ impl Generation {
                 .map_err(Error::io("duplicating a listener"))?;
             let listener = to_tokio(std::net::TcpListener::from(fd))?;
             self.metrics_stop = CancellationToken::new();
-            tokio::spawn(crate::metrics::serve(
+            let task = tokio::spawn(crate::metrics::serve(
                 listener,
                 self.endpoint.clone(),
                 self.metrics_stop.clone(),
             ));
+            if let Ok(mut slot) = self.metrics_task.lock() {
+                *slot = Some(task);
+            }
         }
         self.live_drain.send_replace(drain.clone());
         self.ready.send_replace(true);

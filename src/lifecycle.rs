@@ -287,7 +287,7 @@ impl Lifecycle {
     pub(crate) fn handle(&mut self, event: Event) -> Vec<Action> {
         let mut out = Vec::new();
         if let Some(ending) = self.ending {
-            self.after_the_end(event, ending);
+            self.after_the_end(event, ending, &mut out);
             return out;
         }
         match event {
@@ -424,7 +424,7 @@ impl Lifecycle {
     }
 
     /// Events after the loop decided to end only reach the log.
-    fn after_the_end(&mut self, event: Event, ending: Ending) {
+    fn after_the_end(&mut self, event: Event, ending: Ending, out: &mut Vec<Action>) {
         let pid = self.me.pid;
         let state = match ending {
             Ending::Shutdown | Ending::Orphaned => "shutting down",
@@ -433,10 +433,25 @@ impl Lifecycle {
             Ending::Retired => "handing over",
         };
         match event {
+            // Still writing the access log: logrotate's reopen must be heard.
+            Event::Signal(sig) if self.signals.action(sig) == Some(SignalAction::Reopen) => {
+                info!(
+                    "[{pid}] received signal {:?} while {state}; reopening the access log.",
+                    sig.description()
+                );
+                out.push(Action::ReopenLog);
+            }
             Event::Signal(sig) => info!(
                 "[{pid}] received signal {:?} while {state}; nothing more to do.",
                 sig.description()
             ),
+            // Still counting.
+            Event::Parent(FromParent::Reopen) => out.push(Action::ReopenLog),
+            Event::Parent(FromParent::Totals(totals)) => out.push(Action::CarryForward(totals)),
+            Event::Parent(FromParent::Restarted { result }) => {
+                out.push(Action::CountRestart(result));
+            }
+            Event::Parent(FromParent::Crashes { count }) => out.push(Action::CountCrashes(count)),
             // `gem stop` during a shutdown waits for its end like the first one.
             Event::Call(call) if ending == Ending::Shutdown && call.cmd == Command::Stop => {
                 self.stop_waiters.push(call.reply);

@@ -533,6 +533,7 @@ pub(crate) async fn serve(
     http.timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .keep_alive(true);
+    let connections = tokio_util::task::TaskTracker::new();
     while let Some((stream, peer)) = backoff.accept(&stop, || listener.accept()).await {
         let endpoint = endpoint.clone();
         let stopping = stop.clone();
@@ -550,7 +551,7 @@ pub(crate) async fn serve(
         });
         let conn = http.serve_connection(TokioIo::new(stream), service);
         let stop = stop.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             tokio::pin!(conn);
             let result = tokio::select! {
                 res = conn.as_mut() => res,
@@ -579,6 +580,10 @@ pub(crate) async fn serve(
             }
         });
     }
+    // Connections still open finish their request before this returns (the process
+    // may exit right after).
+    connections.close();
+    connections.wait().await;
 }
 
 /// The response to one request on the metrics listener.
@@ -1028,12 +1033,17 @@ mod tests {
         stream.write_all(b"GET /readyz HTTP/1.1\r\n").await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         stop.cancel();
-        server.await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
         stream.write_all(b"Host: gem\r\n\r\n").await.unwrap();
         let mut out = String::new();
         tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut out))
             .await
             .expect("answered, then closed")
+            .unwrap();
+        // `serve` returns once its connections are done.
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("serve returns once stopped")
             .unwrap();
         assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
         assert!(

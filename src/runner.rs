@@ -155,11 +155,15 @@ pub(crate) async fn run<P: Spawner>(
         generation.drain.clone(),
         phase,
     );
-    if matches!(generation.role, Role::Worker { .. })
-        && let Some(channel) = &parent
-    {
-        report_totals(channel, &generation);
-    }
+    // A worker reports its counters to its supervisor as it goes, and once more at
+    // the end (its last requests and its drain).
+    let final_report = match (&generation.role, &parent) {
+        (Role::Worker { .. }, Some(channel)) => {
+            report_totals(channel, &generation);
+            crate::upgrade::second_handle(channel).ok()
+        }
+        _ => None,
+    };
     let mut sources = Sources {
         signals,
         signals_open: true,
@@ -215,15 +219,13 @@ pub(crate) async fn run<P: Spawner>(
                     drain,
                 },
             },
-            (Ending::Standby, _) => {
-                match stand_by(&generation.drain, &mut life, &mut sources).await {
-                    Verdict::Died(_) => {
-                        resume(&mut generation, &mut life, &mut sources, None)?;
-                        continue;
-                    }
-                    Verdict::Over => Drain::Shutdown(drain),
+            (Ending::Standby, _) => match stand_by(&generation, &mut life, &mut sources).await {
+                Verdict::Died(_) => {
+                    resume(&mut generation, &mut life, &mut sources, None)?;
+                    continue;
                 }
-            }
+                Verdict::Over => Drain::Shutdown(drain),
+            },
             (Ending::Orphaned, _) => {
                 // Stop serving now; what is in flight gets a second at most.
                 cut_soon(&generation.drain);
@@ -233,6 +235,31 @@ pub(crate) async fn run<P: Spawner>(
         };
         break finish(&generation, &mut life, &mut sources, drain).await;
     };
+    if let Some(mut channel) = final_report {
+        let now = (generation.endpoint.live)();
+        let totals = crate::upgrade::FromWorker::Totals(generation.metrics.totals());
+        let load = crate::upgrade::FromWorker::Load {
+            in_flight: now.in_flight,
+            connections: now.connections,
+        };
+        let _ = channel.send(&crate::upgrade::Msg::new(totals)).await;
+        let _ = channel.send(&crate::upgrade::Msg::new(load)).await;
+    }
+    // The metrics listener's last answers go out before the exit.
+    generation.metrics_stop.cancel();
+    let metrics_task = generation
+        .metrics_task
+        .lock()
+        .ok()
+        .and_then(|mut t| t.take());
+    if let Some(task) = metrics_task {
+        let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+    }
+    if let Some(log) = generation.access_log.clone() {
+        // The runtime may not wait for the last clone to drop: write out the last
+        // lines now.
+        let _ = tokio::task::spawn_blocking(move || log.flush(Duration::from_secs(5))).await;
+    }
     life.set_phase(Phase::Exited);
     Ok(exit)
 }
@@ -277,7 +304,9 @@ async fn delay_shutdown<S: Stream<Item = Signal> + Unpin>(
                     break;
                 }
                 event => {
-                    life.handle(event);
+                    for action in life.handle(event) {
+                        act(generation, action, None).await;
+                    }
                 }
             },
         }
@@ -294,7 +323,10 @@ fn report_totals(channel: &Channel, generation: &Generation) {
     };
     let metrics = generation.metrics.clone();
     let live = generation.endpoint.live.clone();
+    let mut based = generation.based.subscribe();
     tokio::spawn(async move {
+        // Counts without the predecessors' would look like a reset: wait for them.
+        let _ = tokio::time::timeout(BASE_WAIT, based.wait_for(|b| *b)).await;
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         loop {
             tick.tick().await;
@@ -320,6 +352,10 @@ fn cut_soon(drain: &DrainSignal) {
         cut.cancel();
     });
 }
+
+/// How long a new generation waits for its predecessors' counters before it reports
+/// or serves metrics without them.
+pub(crate) const BASE_WAIT: Duration = Duration::from_secs(1);
 
 /// How long a worker whose supervisor is gone lets open requests finish.
 const ORPHAN_GRACE: Duration = Duration::from_secs(1);
@@ -384,7 +420,10 @@ async fn act(generation: &Generation, action: Action, upgraded: Option<&mut Upgr
         Action::Notify(notice) => notify(&notice),
         Action::RestorePidFile => restore_pid_file(generation),
         Action::ReopenLog => generation.reopen_log(),
-        Action::CarryForward(totals) => generation.metrics.set_base(&totals),
+        Action::CarryForward(totals) => {
+            generation.metrics.set_base(&totals);
+            generation.based.send_replace(true);
+        }
         Action::CountRestart(result) => generation.metrics.restart(&result),
         Action::CountCrashes(count) => generation.metrics.set_crashes(count),
         Action::StartUpgrade { .. } | Action::Drain(_) => {}
@@ -470,7 +509,11 @@ async fn on_probation<S: Stream<Item = Signal> + Unpin>(
                         let _ = child.send(msg).await;
                     }
                     Event::Parent(FromParent::Totals(totals)) => generation.metrics.set_base(&totals),
-                    event => { life.handle(event); }
+                    event => {
+                        for action in life.handle(event) {
+                            act(generation, action, None).await;
+                        }
+                    }
                 }
             }
         }
@@ -479,7 +522,7 @@ async fn on_probation<S: Stream<Item = Signal> + Unpin>(
 
 /// A worker on standby: drains, and waits for its supervisor to resume or stop it.
 async fn stand_by<S: Stream<Item = Signal> + Unpin>(
-    drain: &DrainSignal,
+    generation: &Generation,
     life: &mut Lifecycle,
     sources: &mut Sources<S>,
 ) -> Verdict {
@@ -493,7 +536,7 @@ async fn stand_by<S: Stream<Item = Signal> + Unpin>(
             Some(Event::Parent(FromParent::Stop)) => return Verdict::Over,
             Some(Event::ParentGone) | None => {
                 warn!("[{pid}] the supervisor is gone; stopping.");
-                cut_soon(drain);
+                cut_soon(&generation.drain);
                 return Verdict::Over;
             }
             Some(Event::Signal(sig)) if life.is_shutdown(sig) => {
@@ -504,7 +547,9 @@ async fn stand_by<S: Stream<Item = Signal> + Unpin>(
                 return Verdict::Over;
             }
             Some(event) => {
-                life.handle(event);
+                for action in life.handle(event) {
+                    act(generation, action, None).await;
+                }
             }
         }
     }
@@ -614,7 +659,11 @@ async fn finish<S: Stream<Item = Signal> + Unpin>(
     let exit = loop {
         tokio::select! {
             exit = &mut drained => break exit,
-            Some(event) = sources.next(), if sources.open() => { life.handle(event); }
+            Some(event) = sources.next(), if sources.open() => {
+                for action in life.handle(event) {
+                    act(generation, action, None).await;
+                }
+            }
         }
     };
     if let Exit::Shutdown { cut } = exit {

@@ -95,10 +95,7 @@ impl Spec {
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(Error::io("duplicating a listener"))?;
         let listeners = open_listeners(&config.sockets(), inherited)
-            .map_err(|(addr, source)| Error::Listen {
-                addr: addr.spec,
-                source,
-            })?
+            .map_err(|(addr, source)| Error::listen(addr.spec, source))?
             .into_iter()
             .map(|(addr, l)| (addr.spec, OwnedFd::from(l)))
             .collect();
@@ -708,9 +705,9 @@ impl Supervisor {
         let carried = self.carried.clone();
         let upgraded = matches!(starting.purpose, Purpose::Upgrade(_));
         if let Some(w) = self.workers.get_mut(&pid) {
-            if let Some(totals) = carried {
-                w.send(FromParent::Totals(totals)).await;
-            }
+            // Always, even empty: the worker's metrics wait for it.
+            w.send(FromParent::Totals(carried.unwrap_or_default()))
+                .await;
             w.send(FromParent::Crashes { count: crashes }).await;
             if upgraded {
                 w.send(FromParent::Restarted {
