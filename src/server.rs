@@ -215,6 +215,12 @@ async fn respond(
         metrics.observe(status, took);
     }
     if let (Some(log), Some(head)) = (&ctx.observers.access_log, head) {
+        // No body goes out for these, whatever the handler returned.
+        let bytes = if head.method == http::Method::HEAD || matches!(status, 204 | 304) {
+            0
+        } else {
+            resp.body().size_hint().exact().unwrap_or_default()
+        };
         log.log(Entry {
             time: head.time,
             peer,
@@ -224,7 +230,8 @@ async fn respond(
             referer: head.referer,
             user_agent: head.user_agent,
             status,
-            bytes: resp.body().size_hint().exact().unwrap_or_default(),
+            // No body goes out for these, whatever the handler returned.
+            bytes,
             took,
             generation: ctx.observers.generation,
         });

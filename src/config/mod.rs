@@ -375,8 +375,17 @@ impl Config {
         let metrics_taken = self
             .metrics_listen
             .as_ref()
-            // Port 0 is a fresh port for each.
-            .is_some_and(|m| m.addr.port() != 0 && self.listen.iter().any(|l| l.addr == m.addr));
+            // Port 0 is a fresh port for each; a wildcard address takes its port on
+            // every address.
+            .is_some_and(|m| {
+                m.addr.port() != 0
+                    && self.listen.iter().any(|l| {
+                        l.addr.port() == m.addr.port()
+                            && (l.addr.ip() == m.addr.ip()
+                                || l.addr.ip().is_unspecified()
+                                || m.addr.ip().is_unspecified())
+                    })
+            });
         [
             (
                 "listen",

@@ -282,3 +282,38 @@ fn apply_sets_non_zero_fields_and_keeps_the_rest() {
     assert_eq!((&c.listen, &c.signals), (&before.listen, &before.signals));
     assert_eq!(c.control_socket, None);
 }
+
+#[test]
+fn metrics_listen_needs_a_port_no_listen_address_takes() {
+    Jail::expect_with(|jail| {
+        let clash = |listen: &str, metrics: &str| {
+            jail.create_file(
+                "gem.toml",
+                &format!("listen = [{listen:?}]\nmetrics_listen = {metrics:?}"),
+            )
+            .unwrap();
+            load(&())
+        };
+        for (listen, metrics) in [
+            ("127.0.0.1:9100", "127.0.0.1:9100"),
+            ("0.0.0.0:9100", "127.0.0.1:9100"),
+            ("127.0.0.1:9100", "0.0.0.0:9100"),
+        ] {
+            let err = clash(listen, metrics).unwrap_err().to_string();
+            assert!(
+                err.contains("`metrics_listen`") && err.contains("`listen`"),
+                "{listen} / {metrics}: {err}"
+            );
+        }
+        let ok = clash("127.0.0.1:0", "127.0.0.1:0").unwrap();
+        assert!(ok.metrics_listen.is_some());
+        assert!(clash("127.0.0.1:8080", "127.0.0.2:8080").is_ok());
+        assert!(
+            clash("127.0.0.1:8080", "off")
+                .unwrap()
+                .metrics_listen
+                .is_none()
+        );
+        Ok(())
+    });
+}
