@@ -265,6 +265,19 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// One table row of restart latencies (sorted, in ms): min, p50, p99, max.
+fn latency_row(out: &mut String, name: &str, v: &[f64]) {
+    use std::fmt::Write as _;
+    let _ = writeln!(
+        out,
+        "| {name} | {:.1} | {:.1} | {:.1} | {:.1} |",
+        v.first().copied().unwrap_or(f64::NAN),
+        percentile(v, 50.0),
+        percentile(v, 99.0),
+        v.last().copied().unwrap_or(f64::NAN)
+    );
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -383,14 +396,7 @@ fn restart_latency(build: &Build, plan: &Plan, workers: usize) -> Result<String>
         plan.latency_restarts
     );
     for (name, v) in [("gem", &gem_ms), ("nginx", &nginx_ms)] {
-        let _ = writeln!(
-            out,
-            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} |",
-            v.first().copied().unwrap_or(f64::NAN),
-            percentile(v, 50.0),
-            percentile(v, 99.0),
-            v.last().copied().unwrap_or(f64::NAN)
-        );
+        latency_row(&mut out, name, v);
     }
     let (g, n) = (percentile(&gem_ms, 50.0), percentile(&nginx_ms, 50.0));
     let _ = writeln!(

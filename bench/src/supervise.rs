@@ -273,14 +273,7 @@ pub fn restart_latency(build: &Build, plan: &Plan) -> Result<String> {
         plan.latency_restarts
     );
     for (name, v) in &rows {
-        let _ = writeln!(
-            out,
-            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} |",
-            v.first().copied().unwrap_or(f64::NAN),
-            percentile(v, 50.0),
-            percentile(v, 99.0),
-            v.last().copied().unwrap_or(f64::NAN)
-        );
+        crate::latency_row(&mut out, name, v);
     }
     let (plain, sup) = (percentile(&rows[0].1, 50.0), percentile(&rows[1].1, 50.0));
     let _ = writeln!(
