@@ -212,13 +212,14 @@ pub(crate) struct Metrics {
     inner: Arc<Inner>,
 }
 
-/// What all clones of a [`Metrics`] share: this process's own counts, and the base.
+/// How many shards the per-request counts are spread over.
+const SHARDS: usize = 16;
+
+/// One thread's share of the per-request counts, on cache lines of its own: threads
+/// answering requests at the same time never write the same line.
 #[derive(Debug)]
-struct Inner {
-    generation: u64,
-    /// The `gem_plugin_info` labels: name, version, sha256 (known a little after the
-    /// start: the plugin is hashed on a side thread).
-    plugin: Mutex<[(&'static str, String); 3]>,
+#[repr(align(128))]
+struct Shard {
     /// Requests by status class, as [`CLASSES`].
     requests: [AtomicU64; CLASSES.len()],
     /// Requests by duration bucket (not cumulative), `+Inf` last.
@@ -226,6 +227,36 @@ struct Inner {
     /// The sum of the request durations, in nanoseconds (wraps after 584 years of
     /// request time in one process).
     duration_sum_nanos: AtomicU64,
+}
+
+impl Shard {
+    const fn new() -> Shard {
+        Shard {
+            requests: [const { AtomicU64::new(0) }; CLASSES.len()],
+            duration_buckets: [const { AtomicU64::new(0) }; BUCKETS],
+            duration_sum_nanos: AtomicU64::new(0),
+        }
+    }
+}
+
+/// This thread's shard: threads take them by turns, once.
+fn shard_index() -> usize {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    thread_local! {
+        static INDEX: usize = NEXT.fetch_add(1, Relaxed) % SHARDS;
+    }
+    INDEX.with(|i| *i)
+}
+
+/// What all clones of a [`Metrics`] share: this process's own counts, and the base.
+#[derive(Debug)]
+struct Inner {
+    generation: u64,
+    /// The `gem_plugin_info` labels: name, version, sha256 (known a little after the
+    /// start: the plugin is hashed on a side thread).
+    plugin: Mutex<[(&'static str, String); 3]>,
+    /// The per-request counts, one shard per thread (by turns).
+    shards: [Shard; SHARDS],
     /// Upgrades by result, as [`RESULTS`].
     restarts: [AtomicU64; RESULTS.len()],
     crashes: AtomicU64,
@@ -257,9 +288,7 @@ impl Metrics {
                     ("version", plugin.version.clone()),
                     ("sha256", plugin.sha256.clone().unwrap_or_default()),
                 ]),
-                requests: [const { AtomicU64::new(0) }; CLASSES.len()],
-                duration_buckets: [const { AtomicU64::new(0) }; BUCKETS],
-                duration_sum_nanos: AtomicU64::new(0),
+                shards: [const { Shard::new() }; SHARDS],
                 restarts: [const { AtomicU64::new(0) }; RESULTS.len()],
                 crashes: AtomicU64::new(0),
                 connections_cut: AtomicU64::new(0),
@@ -281,10 +310,10 @@ impl Metrics {
         let class = usize::from(status / 100).clamp(1, CLASSES.len()) - 1;
         let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
         let bucket = DURATION_BOUNDS_NANOS.partition_point(|&b| b < nanos);
-        let inner = &*self.inner;
-        inner.requests[class].fetch_add(1, Relaxed);
-        inner.duration_buckets[bucket].fetch_add(1, Relaxed);
-        inner.duration_sum_nanos.fetch_add(nanos, Relaxed);
+        let shard = &self.inner.shards[shard_index()];
+        shard.requests[class].fetch_add(1, Relaxed);
+        shard.duration_buckets[bucket].fetch_add(1, Relaxed);
+        shard.duration_sum_nanos.fetch_add(nanos, Relaxed);
     }
 
     /// An upgrade this process started ended: `"ok"`, `"failed"` or `"rolled_back"`.
@@ -329,22 +358,33 @@ impl Metrics {
     /// This process's own counts, every known label value included.
     fn own(&self) -> Totals {
         let inner = &*self.inner;
-        let buckets: Vec<u64> = read(&inner.duration_buckets).collect();
-        let label = |names: &[&str], counts: &[AtomicU64]| {
+        let sum = |pick: fn(&Shard) -> &[AtomicU64]| -> Vec<u64> {
+            let mut out = vec![0u64; pick(&inner.shards[0]).len()];
+            for shard in &inner.shards {
+                for (total, n) in out.iter_mut().zip(read(pick(shard))) {
+                    *total = total.wrapping_add(n);
+                }
+            }
+            out
+        };
+        let buckets = sum(|s| &s.duration_buckets);
+        let sum_nanos = inner.shards.iter().fold(0u64, |t, s| {
+            t.wrapping_add(s.duration_sum_nanos.load(Relaxed))
+        });
+        let label = |names: &[&str], counts: Vec<u64>| {
             names
                 .iter()
                 .map(|&name| name.to_owned())
-                .zip(read(counts))
+                .zip(counts)
                 .collect()
         };
         Totals {
-            requests: label(&CLASSES, &inner.requests),
+            requests: label(&CLASSES, sum(|s| &s.requests)),
             duration_bounds: DURATION_BOUNDS.to_vec(),
             duration_count: buckets.iter().sum(),
             duration_buckets: buckets,
-            duration_sum_seconds: Duration::from_nanos(inner.duration_sum_nanos.load(Relaxed))
-                .as_secs_f64(),
-            restarts: label(&RESULTS, &inner.restarts),
+            duration_sum_seconds: Duration::from_nanos(sum_nanos).as_secs_f64(),
+            restarts: label(&RESULTS, read(&inner.restarts).collect()),
             crashes: inner.crashes.load(Relaxed),
             connections_cut: inner.connections_cut.load(Relaxed),
             last_drain_seconds: lock(&inner.last_drain).map(|d| d.as_secs_f64()),
@@ -1051,5 +1091,24 @@ mod tests {
             "{out}"
         );
         assert!(out.ends_with("ready\n"), "{out}");
+    }
+
+    #[test]
+    fn counts_from_many_threads_add_up() {
+        let m = Metrics::new(1, &plugin());
+        std::thread::scope(|scope| {
+            for _ in 0..(SHARDS + 3) {
+                scope.spawn(|| {
+                    for _ in 0..1000 {
+                        m.observe(200, Duration::from_micros(150));
+                    }
+                });
+            }
+        });
+        let t = m.totals();
+        let n = u64::try_from((SHARDS + 3) * 1000).unwrap();
+        assert_eq!(t.requests["2xx"], n);
+        assert_eq!(t.duration_count, n);
+        assert_eq!(t.duration_buckets.iter().sum::<u64>(), n);
     }
 }
