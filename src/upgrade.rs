@@ -453,6 +453,9 @@ pub(crate) async fn await_ready(
     };
     tokio::pin!(died);
     tokio::select! {
+        // A report that arrived is read first: a child that said why it failed and
+        // exited has both ready at once.
+        biased;
         report = channel.recv::<Msg<Report>>() => match report {
             Ok(Some(msg)) => read_report(pid, msg),
             Err(WireError::BadJson { received, .. }) => Err(UpgradeError::ChildFailed {
@@ -465,11 +468,20 @@ pub(crate) async fn await_ready(
                 Err(_) => Err(timed_out()),
             },
         },
-        status = &mut died => Err(UpgradeError::ChildExited { pid, status }),
+        status = &mut died => {
+            // Its last words may still be on their way through the socket.
+            match tokio::time::timeout(LAST_WORDS, channel.recv::<Msg<Report>>()).await {
+                Ok(Ok(Some(msg))) => read_report(pid, msg),
+                _ => Err(UpgradeError::ChildExited { pid, status }),
+            }
+        }
         () = tokio::time::sleep_until(deadline) => Err(timed_out()),
         () = cancel.cancelled() => Err(UpgradeError::Cancelled { pid }),
     }
 }
+
+/// How long a child that died may still have a report in flight on its channel.
+const LAST_WORDS: Duration = Duration::from_millis(50);
 
 /// How a process ended, for the log: `exit code 3`, `signal 6 SIGABRT`.
 pub(crate) fn describe_exit(status: ExitStatus) -> String {
