@@ -611,11 +611,12 @@ impl Supervisor {
             return;
         };
         let pid = starting.pid;
+        // Ready, and dead already: it never served.
+        let ready_then_died = matches!((&outcome, &starting.exited), (Some((_, Ok(_))), Some(_)));
         let result = match (outcome, &starting.exited) {
-            // Ready, and dead already: it never served.
             (Some((_, Ok(_))), Some(how)) => Err(UpgradeError::ChildExited {
                 pid,
-                status: format!("{how}, right after it reported ready"),
+                status: how.clone(),
             }),
             (Some((channel, Ok(handler))), None) => Ok((channel, handler)),
             (Some((_, Err(err))), _) => Err(err),
@@ -648,14 +649,22 @@ impl Supervisor {
                     );
                 }
                 let generation = starting.generation;
+                let when = if ready_then_died {
+                    "right after it reported ready"
+                } else {
+                    "before it was ready"
+                };
                 let what = match (&starting.purpose, why) {
+                    (Purpose::Upgrade(_), UpgradeError::ChildExited { status, .. })
+                        if ready_then_died =>
+                    {
+                        format!("new process {pid} died ({status}) {when}")
+                    }
                     (Purpose::Upgrade(_), why) => why.to_string(),
                     (
                         Purpose::Replace | Purpose::First,
                         UpgradeError::ChildExited { status, .. },
-                    ) => format!(
-                        "worker {pid} (generation {generation}) died ({status}) before it was ready"
-                    ),
+                    ) => format!("worker {pid} (generation {generation}) died ({status}) {when}"),
                     (Purpose::First, UpgradeError::ChildFailed { reason, .. }) => reason.clone(),
                     (Purpose::Replace | Purpose::First, why) => format!(
                         "worker {pid} (generation {generation}) failed before it was ready: {why}"
