@@ -211,7 +211,17 @@ pub fn status(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
     } else {
         print!("{}", describe(&status, SystemTime::now()));
     }
-    Ok(ExitCode::SUCCESS)
+    // A supervisor answers even while no worker serves (a crash backoff): a health
+    // check built on `gem status` must see that.
+    let serving = status
+        .supervisor
+        .as_ref()
+        .is_none_or(|s| s.workers.iter().any(|w| w.state == "serving"));
+    Ok(if serving {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn describe(s: &Status, now: SystemTime) -> String {

@@ -37,7 +37,8 @@ enum Command {
     Reload(ReloadArgs),
     /// Drain the running server and wait for it to exit.
     Stop(ClientArgs),
-    /// Show the running server's pid, generation, plugin, load and last upgrade.
+    /// Show the running server's pid, generation, plugin, load and last upgrade (exit 0
+    /// serving, 1 a supervisor answers but no worker serves, 2 no server answered).
     Status(StatusArgs),
 }
 

@@ -268,8 +268,9 @@ fn a_binary_that_cannot_be_executed_counts_as_crashes_and_the_supervisor_answers
         status["supervisor"]["next_start_ms"].is_u64(),
         "a next start is planned: {status:#}"
     );
+    // Answered, but no worker serves: exit 1, for a health check.
     let (code, out, err) = gem_cmd(&gem, &["status"]);
-    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(code, 1, "{out}{err}");
     assert!(out.contains(&format!("supervisor:   pid {sup}, ")), "{out}");
 
     // Each failed start is logged, with a growing delay before the next: the kill

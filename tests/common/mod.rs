@@ -276,7 +276,11 @@ impl Gem {
     /// `gem status --json`, parsed.
     pub fn status(&self) -> serde_json::Value {
         let (status, out, err) = run_gem(self.dir.path(), &["status", "--json"], &[]);
-        assert!(status.success(), "gem status failed: {err}");
+        // 1: a supervisor answered, but no worker serves right now.
+        assert!(
+            status.success() || status.code() == Some(1),
+            "gem status failed: {err}"
+        );
         serde_json::from_str(&out).unwrap()
     }
 
