@@ -140,6 +140,14 @@ pub fn reexec(config: &Config, timeout: Option<Duration>) -> anyhow::Result<Exit
                 );
                 return Ok(ExitCode::SUCCESS);
             }
+            Err(err) if Instant::now() >= deadline => {
+                // Gone: the new image did not start.
+                println!(
+                    "re-executing: supervisor {} did not answer again",
+                    before.pid
+                );
+                return Ok(unreachable(&err));
+            }
             _ if Instant::now() >= deadline => {
                 println!(
                     "re-executing: supervisor {} did not answer again in time",
