@@ -48,6 +48,11 @@ fn accept_loops_back_off_when_out_of_fds_and_say_so_once_each_way() {
     );
     let pid = gem.first_pid();
     let http = format!("cannot accept on {}", gem.addr);
+    // The plugin is hashed on a side thread that holds an fd until it is done: wait for
+    // it, so that no fd comes free while the listeners are starved on purpose.
+    wait_for("the plugin to be hashed", || {
+        gem.status()["plugin"]["sha256"].as_str().map(|_| ())
+    });
     // More idle connections than the process may have fds: the rest wait in the backlog.
     let idle: Vec<TcpStream> = (0..100)
         .map(|_| TcpStream::connect(gem.addr).unwrap())
