@@ -356,8 +356,13 @@ fn same_binary(pid: u32) -> bool {
     let id = |path: String| std::fs::metadata(path).map(|m| (m.dev(), m.ino())).ok();
     match (id(format!("/proc/{pid}/exe")), id("/proc/self/exe".into())) {
         (Some(theirs), Some(ours)) => theirs == ours,
-        // Cannot tell: the socket having gone has to do.
-        _ => false,
+        // A process on its way out has no exe link any more (nor does one we may not
+        // look at): its name has to do.
+        _ => {
+            let comm = |path: String| std::fs::read_to_string(path).ok();
+            comm(format!("/proc/{pid}/comm"))
+                .is_some_and(|c| Some(c) == comm("/proc/self/comm".into()))
+        }
     }
 }
 
