@@ -182,7 +182,7 @@ impl LoadedPlugin {
 }
 
 /// The hex SHA-256 of the sealed copy (read from its start).
-fn sha256_of(mut copy: std::fs::File) -> std::io::Result<String> {
+pub(crate) fn sha256_of(mut copy: std::fs::File) -> std::io::Result<String> {
     use std::io::{Seek, SeekFrom};
     copy.seek(SeekFrom::Start(0))?;
     let mut hasher = Sha256::new();

@@ -25,7 +25,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -42,7 +42,7 @@ use crate::control::{
 };
 use crate::error::Error;
 use crate::handler::HandlerInfo;
-use crate::lifecycle::book_follow_up;
+use crate::lifecycle::{book_follow_up, millis, unix_ms};
 use crate::listeners::open_listeners;
 use crate::metrics::Totals;
 use crate::service::{Notice, notify, remove_pid_file, write_pid_file};
@@ -121,26 +121,9 @@ impl Spec {
 }
 
 fn sha256_of(file: &std::fs::File) -> Option<String> {
-    use sha2::{Digest, Sha256};
-    use std::io::Read;
     // A description of its own: reading must not move the offset workers share.
-    let mut copy = std::fs::File::open(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match copy.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => hasher.update(&buf[..n]),
-            Err(_) => return None,
-        }
-    }
-    Some(
-        hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
-    )
+    let copy = std::fs::File::open(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
+    crate::plugin::sha256_of(copy).ok()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1594,16 +1577,6 @@ fn kill(pid: u32) {
     {
         let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
     }
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, millis)
 }
 
 /// `1.2s`, `250ms`.
