@@ -191,7 +191,9 @@ async fn respond(
     ctx: ServeContext,
 ) -> Result<HttpResponse<Body>, std::convert::Infallible> {
     let _in_flight = ctx.drain.request();
-    let started = Instant::now();
+    // Timed only when someone is told.
+    let observed = ctx.observers.metrics.is_some() || ctx.observers.access_log.is_some();
+    let started = observed.then(Instant::now);
     let version = req.version();
     // Copied only when an access log wants them.
     let head = ctx.observers.access_log.as_ref().map(|_| Head {
@@ -209,6 +211,9 @@ async fn respond(
         resp.headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("close"));
     }
+    let Some(started) = started else {
+        return Ok(resp);
+    };
     let status = resp.status().as_u16();
     let took = started.elapsed();
     if let Some(metrics) = &ctx.observers.metrics {
@@ -230,7 +235,6 @@ async fn respond(
             referer: head.referer,
             user_agent: head.user_agent,
             status,
-            // No body goes out for these, whatever the handler returned.
             bytes,
             took,
             generation: ctx.observers.generation,
