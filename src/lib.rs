@@ -42,6 +42,7 @@ mod lifecycle;
 mod listeners;
 mod metrics;
 mod plugin;
+mod respond;
 mod runner;
 mod server;
 mod service;
