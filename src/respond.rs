@@ -13,7 +13,10 @@ use tracing::{debug, warn};
 
 use crate::access_log::Entry;
 use crate::handler::{HandlerError, Request, Response};
-use crate::server::{Body, ConnFacts, ServeContext};
+use crate::server::{ConnFacts, ServeContext};
+
+/// The body of every response gem sends.
+pub(crate) type Body = Full<Bytes>;
 
 /// The parts of a request the access log needs after the handler has taken it.
 struct Head {

@@ -5,9 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use bytes::Bytes;
 use http::Version;
-use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -23,9 +21,6 @@ use crate::handler::Handler;
 use crate::inline::Runner;
 use crate::metrics::Metrics;
 use crate::respond::respond;
-
-/// The body of every response gem sends.
-pub(crate) type Body = Full<Bytes>;
 
 /// What a request's handler may know of the connection it came on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
