@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use futures_util::Stream;
 
-use crate::config::{Config, ListenAddr, ServerConfig};
+use crate::config::{Config, ListenAddr, ServerConfig, TlsFiles};
 use crate::error::Error;
 use crate::generation::{Exit, HandlerSource, start};
 use crate::handler::{FnHandler, Request, Response};
@@ -19,7 +19,7 @@ use crate::upgrade::Launch;
 /// Builds a [`Server`]. See [`Server::builder`].
 #[must_use]
 pub struct Builder {
-    listen: Vec<String>,
+    listen: Vec<(String, Option<TlsFiles>)>,
     handler: Option<HandlerSource>,
     config: Config,
 }
@@ -37,7 +37,24 @@ impl Builder {
     /// Adds a listen address (`IP:PORT`, `[IPv6]:PORT` or `:PORT`). Without any, gem
     /// listens on 127.0.0.1:8080.
     pub fn listen(mut self, addr: impl Into<String>) -> Self {
-        self.listen.push(addr.into());
+        self.listen.push((addr.into(), None));
+        self
+    }
+
+    /// Adds a TLS listen address, with its certificate chain (PEM) and private key
+    /// (PEM: PKCS#8, PKCS#1 or SEC1). Every generation reads both files afresh, so a
+    /// restart rotates them; a file that cannot be used fails the start, naming it.
+    pub fn listen_tls(
+        mut self,
+        addr: impl Into<String>,
+        cert: impl Into<PathBuf>,
+        key: impl Into<PathBuf>,
+    ) -> Self {
+        let files = TlsFiles {
+            cert: cert.into(),
+            key: key.into(),
+        };
+        self.listen.push((addr.into(), Some(files)));
         self
     }
 
@@ -93,7 +110,13 @@ impl Builder {
             self.config.listen = self
                 .listen
                 .iter()
-                .map(|s| ListenAddr::parse(s))
+                .map(|(s, tls)| {
+                    let addr = ListenAddr::parse(s)?;
+                    Ok(match tls {
+                        Some(files) => addr.with_tls(files.clone()),
+                        None => addr,
+                    })
+                })
                 .collect::<Result<_, _>>()
                 .map_err(|message| {
                     Error::Config(crate::config::ConfigError::Invalid {
@@ -229,6 +252,7 @@ async fn serve(
 /// Everything `gem serve` would check before serving, without serving: loads the
 /// plugin through the full handshake and checks the `plugin` signal action has a hook.
 pub fn check(config: &Config) -> Result<crate::handler::HandlerInfo, Error> {
+    crate::tls::check_listeners(&config.listen)?;
     let plugin = crate::plugin::LoadedPlugin::load(&config.handler)?;
     crate::generation::check_signal_hook(&config.signals, &plugin)?;
     Ok(crate::handler::HandlerInfo {

@@ -254,6 +254,9 @@ fn describe(s: &Status, now: SystemTime) -> String {
         }
     }
     let _ = writeln!(out, "listen:       {}", s.listen.join(", "));
+    for l in &s.tls {
+        let _ = writeln!(out, "tls {}: {}", l.listen, l.cert.line());
+    }
     let p = &s.plugin;
     let abi = p.abi.map_or("-".into(), |a| a.to_string());
     let _ = writeln!(out, "plugin:       {} {} (ABI {abi})", p.name, p.version);

@@ -211,6 +211,19 @@ pub struct Status {
     /// `serving`, `upgrading`, `shutdown_delay` or `draining`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
+    /// Each TLS listener's certificate, as the serving generation read it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tls: Vec<ListenerTls>,
+}
+
+/// A TLS listener and its certificate, for `gem status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerTls {
+    /// The `listen` entry's address, as written.
+    pub listen: String,
+    /// What its certificate says.
+    #[serde(flatten)]
+    pub cert: crate::tls::CertInfo,
 }
 
 /// The supervisor, for `gem status`.

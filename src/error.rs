@@ -26,6 +26,14 @@ pub enum Error {
         /// Why.
         source: std::io::Error,
     },
+    /// A TLS listener's certificate or key cannot be used.
+    #[error("cannot serve TLS on {addr} (key `listen`): {source}")]
+    Tls {
+        /// The address as configured.
+        addr: String,
+        /// Which file, and why.
+        source: crate::tls::TlsError,
+    },
     /// Inherited sockets were unusable.
     #[error(transparent)]
     Fds(#[from] FdError),

@@ -27,6 +27,7 @@ use crate::plugin::LoadedPlugin;
 use crate::server::{Observers, ServeContext, accept_loop};
 use crate::service::{Notice, notify, write_pid_file};
 use crate::signals::{Action, SignalRegistry};
+use crate::tls::TlsSetup;
 use crate::upgrade::{Channel, ReadyChannel};
 
 /// Where requests go.
@@ -68,6 +69,8 @@ pub(crate) struct Listening {
     pub(crate) addr: ListenAddr,
     pub(crate) local: SocketAddr,
     pub(crate) tracker: TaskTracker,
+    /// For a TLS listener: its rustls setup, read by this generation.
+    pub(crate) tls: Option<TlsSetup>,
 }
 
 /// Duplicates of the sockets, kept for handing over to the next generation and for
@@ -235,7 +238,8 @@ async fn start_serving(
     let mut handover = HandoverFds::default();
     let mut prepared = Vec::with_capacity(sockets.len());
     for (addr, socket) in sockets {
-        let (listening, listener, fd) = prepare_listener(addr, socket)?;
+        let (mut listening, listener, fd) = prepare_listener(addr, socket)?;
+        listening.tls = load_tls(pid, &listening.addr)?;
         handover.listeners.push((listening.addr.spec.clone(), fd));
         prepared.push((listening, listener));
     }
@@ -262,10 +266,13 @@ async fn start_serving(
     }
     let mut listening = Vec::with_capacity(prepared.len());
     for (l, listener) in prepared {
-        tokio::spawn(accept_loop(listener, ctx.clone(), l.tracker.clone()));
+        let tls = l.tls.as_ref().map(|t| t.acceptor.clone());
+        tokio::spawn(accept_loop(listener, tls, ctx.clone(), l.tracker.clone()));
         info!(
-            "[{pid}] listening on http://{} (listen = {:?})",
-            l.local, l.addr.spec
+            "[{pid}] listening on {}://{} (listen = {:?})",
+            l.addr.scheme(),
+            l.local,
+            l.addr.spec
         );
         listening.push(l);
     }
@@ -381,8 +388,33 @@ fn prepare_listener(
         addr,
         local,
         tracker: TaskTracker::new(),
+        tls: None,
     };
     Ok((serving, listener, fd))
+}
+
+/// Reads and checks a TLS listener's certificate and key (afresh in every generation,
+/// so a restart rotates them), warning when the certificate expires soon.
+fn load_tls(pid: u32, addr: &ListenAddr) -> Result<Option<TlsSetup>, Error> {
+    let Some(files) = &addr.tls else {
+        return Ok(None);
+    };
+    let setup = crate::tls::load(files).map_err(|source| Error::Tls {
+        addr: addr.spec.clone(),
+        source,
+    })?;
+    let info = &setup.info;
+    if info.days_left < crate::tls::EXPIRY_WARNING_DAYS {
+        warn!(
+            "[{pid}] the TLS certificate {} of {} expires in {} days ({})",
+            info.cert.display(),
+            addr.spec,
+            info.days_left,
+            info.not_after
+        );
+    }
+    info!("[{pid}] TLS on {}: {}", addr.spec, info.line());
+    Ok(Some(setup))
 }
 
 /// Adopts the inherited control socket (a new generation never re-binds the live
@@ -489,6 +521,16 @@ impl Generation {
             parent_pid: self.parent_pid,
             started: self.started,
             listen: self.listening.iter().map(|l| l.local.to_string()).collect(),
+            tls: self
+                .listening
+                .iter()
+                .filter_map(|l| {
+                    l.tls.as_ref().map(|t| crate::control::ListenerTls {
+                        listen: l.addr.spec.clone(),
+                        cert: t.info.clone(),
+                    })
+                })
+                .collect(),
             handler: self.handler.clone(),
             role: self.role,
         }
@@ -561,7 +603,8 @@ impl Generation {
             let listener = tokio::net::TcpListener::from_std(listener)
                 .map_err(Error::io("registering a listener"))?;
             l.tracker = TaskTracker::new();
-            tokio::spawn(accept_loop(listener, ctx.clone(), l.tracker.clone()));
+            let tls = l.tls.as_ref().map(|t| t.acceptor.clone());
+            tokio::spawn(accept_loop(listener, tls, ctx.clone(), l.tracker.clone()));
         }
         self.drain = drain.clone();
         let mut calls = None;

@@ -38,6 +38,10 @@ pub(crate) const ENV_CONFIG: &str = "GEM_HANDOVER_CONFIG";
 pub(crate) const ENV_PLUGIN_FD: &str = "GEM_HANDOVER_PLUGIN_FD";
 /// A re-executed supervisor's state, as JSON (see `supervisor::Saved`).
 pub(crate) const ENV_SUPERVISOR_STATE: &str = "GEM_HANDOVER_SUPERVISOR_STATE";
+/// The fd of a sealed memfd holding the TLS session-ticket key ring (see `tls.rs`):
+/// the keys pass from process to process in memory only, never on disk or in the
+/// environment.
+pub(crate) const ENV_TICKETS_FD: &str = "GEM_HANDOVER_TICKETS_FD";
 /// Every variable above: what a child must not inherit from this process's own
 /// environment, and what is removed once read.
 const ALL_VARS: &[&str] = &[
@@ -50,6 +54,7 @@ const ALL_VARS: &[&str] = &[
     ENV_CONFIG,
     ENV_PLUGIN_FD,
     ENV_SUPERVISOR_STATE,
+    ENV_TICKETS_FD,
 ];
 /// systemd's socket-activation variables.
 const SYSTEMD_VARS: &[&str] = &["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"];
@@ -226,11 +231,13 @@ fn claim_gem(fds_value: &str) -> Result<Inherited, FdError> {
     let control = env_fd(ENV_CONTROL_FD)?;
     let ready = env_fd(ENV_READY_FD)?;
     let plugin = env_fd(ENV_PLUGIN_FD)?;
+    let tickets = env_fd(ENV_TICKETS_FD)?;
     let mut named: Vec<(RawFd, &'static str)> =
         pairs.iter().map(|(fd, _)| (*fd, ENV_FDS)).collect();
     named.extend(control.map(|fd| (fd, ENV_CONTROL_FD)));
     named.extend(ready.map(|fd| (fd, ENV_READY_FD)));
     named.extend(plugin.map(|fd| (fd, ENV_PLUGIN_FD)));
+    named.extend(tickets.map(|fd| (fd, ENV_TICKETS_FD)));
     let saved = env(ENV_SUPERVISOR_STATE);
     let saved_fds = match &saved {
         Some(json) => {
@@ -266,6 +273,9 @@ fn claim_gem(fds_value: &str) -> Result<Inherited, FdError> {
         check_stream(fd, &owned)?;
         inherited.ready = Some(UnixStream::from(owned));
     }
+    if let Some(fd) = tickets {
+        adopt_tickets(claim(fd, ENV_TICKETS_FD)?);
+    }
     if let Some(json) = saved {
         let mut fds = HashMap::new();
         for fd in saved_fds {
@@ -294,6 +304,23 @@ fn claim_gem(fds_value: &str) -> Result<Inherited, FdError> {
         None => 1,
     };
     Ok(inherited)
+}
+
+/// Adopts the TLS ticket key ring in the sealed memfd `fd`; one that cannot be read
+/// costs the resumption of earlier sessions, not the start.
+fn adopt_tickets(fd: OwnedFd) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::from(fd);
+    let mut buf = [0u8; 128];
+    // At offset 0: the writer's offset, shared with this description, is at the end.
+    let read = file.read_at(&mut buf, 0);
+    let adopted = read.is_ok_and(|n| crate::tls::adopt_ticket_keys(&buf[..n]));
+    if !adopted {
+        warn!(
+            "[{}] the TLS ticket keys handed over are unusable: sessions from before this restart will not resume",
+            std::process::id()
+        );
+    }
 }
 
 /// systemd socket activation; sd-notify checks `LISTEN_PID` and sets close-on-exec.
@@ -485,6 +512,8 @@ impl ChildFds {
         }
         let n = fds.push(ready);
         fds.env.push((ENV_READY_FD, n.to_string()));
+        let n = fds.push(crate::tls::sealed_ticket_keys()?);
+        fds.env.push((ENV_TICKETS_FD, n.to_string()));
         fds.env.push((ENV_GENERATION, generation.to_string()));
         Ok(fds)
     }

@@ -24,6 +24,8 @@
 //! - `plugin` and `inline`: loading a handler `.so`, and where a handler call runs.
 //! - `wire`: the framed JSON-lines protocol of the control socket and the handover.
 //! - `service`: the pid file and systemd notifications.
+//! - [`tls`]: a TLS listener's certificate and key, checked; the session-ticket keys
+//!   handed from generation to generation.
 
 mod accept;
 mod access_log;
@@ -48,6 +50,7 @@ mod server;
 mod service;
 pub mod signals;
 mod supervisor;
+pub mod tls;
 mod upgrade;
 mod wire;
 
@@ -62,4 +65,5 @@ pub use lifecycle::Phase;
 pub use plugin::PluginError;
 pub use signals::{Action, Signal, SignalRegistry};
 pub use supervisor::{Loader, supervise};
+pub use tls::{CertInfo, TlsError};
 pub use upgrade::UpgradeError;

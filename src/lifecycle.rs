@@ -130,6 +130,8 @@ pub(crate) struct Identity {
     pub(crate) parent_pid: Option<u32>,
     pub(crate) started: Instant,
     pub(crate) listen: Vec<String>,
+    /// Each TLS listener's certificate.
+    pub(crate) tls: Vec<crate::control::ListenerTls>,
     /// Asked for its info at every `status` (its sha256 arrives after the start).
     pub(crate) handler: Arc<dyn Handler>,
     pub(crate) role: Role,
@@ -625,6 +627,7 @@ impl Lifecycle {
                 .collect(),
             supervisor: None,
             phase: Some(self.phase.borrow().name().to_owned()),
+            tls: crate::tls::refreshed(&self.me.tls),
         }
     }
 }

@@ -15,6 +15,7 @@ fn lifecycle_as(role: Role) -> (Lifecycle, watch::Receiver<Phase>) {
         parent_pid: None,
         started: Instant::now(),
         listen: Vec::new(),
+        tls: Vec::new(),
         handler: Arc::new(FnHandler::new("t", |_| Response::text(200, "x"))),
         role,
     };

@@ -97,7 +97,9 @@ struct ServeArgs {
     #[command(flatten)]
     #[serde(flatten)]
     config: ConfigArgs,
-    /// Address to serve on (IP:PORT, [IPv6]:PORT or :PORT); repeat for several.
+    /// Address to serve on (IP:PORT, [IPv6]:PORT or :PORT); repeat for several. A TLS
+    /// listener is a table in gem.toml or GEM_LISTEN: { addr = "0.0.0.0:8443",
+    /// tls_cert = "cert.pem", tls_key = "key.pem" }.
     #[arg(long, value_name = "ADDR")]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     listen: Vec<String>,
@@ -247,5 +249,19 @@ fn check(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let config = args.load()?;
     let handler = gem::check(&config)?;
     print!("{}", config.describe(&handler));
+    for listen in &config.listen {
+        if let Some(files) = &listen.tls {
+            // Checked by gem::check above; read again to print what it says.
+            let cert = gem::tls::check(files)?;
+            println!("tls {}: {}", listen.spec, cert.line());
+            if cert.days_left < gem::tls::EXPIRY_WARNING_DAYS {
+                println!(
+                    "warning: the TLS certificate {} expires in {} days",
+                    files.cert.display(),
+                    cert.days_left
+                );
+            }
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }

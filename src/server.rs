@@ -9,13 +9,16 @@ use http::Version;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use crate::accept::Backoff;
 use crate::access_log::AccessLog;
 use crate::config::{HYPER_MAX_HEADERS, Limits};
+use crate::conns::TrackedStream;
 use crate::drain::DrainSignal;
 use crate::handler::Handler;
 use crate::inline::Runner;
@@ -34,7 +37,6 @@ pub(crate) struct ConnFacts {
 }
 
 /// How a connection is carried.
-#[allow(dead_code)] // Until ABI 2 and TLS use it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Scheme {
     /// Cleartext.
@@ -129,9 +131,15 @@ impl ServeContext {
 }
 
 /// Accepts connections on `listener` until the drain begins, spawning each onto
-/// `tracker`. Returns when accepting has stopped; dropping the listener closes this
-/// process's copy of the socket (a new generation may still hold its own).
-pub async fn accept_loop(listener: TcpListener, ctx: ServeContext, tracker: TaskTracker) {
+/// `tracker`; with `tls`, each is served over TLS. Returns when accepting has stopped;
+/// dropping the listener closes this process's copy of the socket (a new generation
+/// may still hold its own).
+pub async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    ctx: ServeContext,
+    tracker: TaskTracker,
+) {
     let stop = ctx.drain.stop_accepting().clone();
     let mut backoff = Backoff::new(
         listener
@@ -142,22 +150,61 @@ pub async fn accept_loop(listener: TcpListener, ctx: ServeContext, tracker: Task
         let Ok(local) = stream.local_addr() else {
             continue;
         };
+        let _ = stream.set_nodelay(true);
+        // Tracked before anything else, TLS included: the cut at `wait_timeout` shuts
+        // the TCP socket down from outside, whatever runs on top of it.
+        let stream = ctx.drain.track(stream);
         let facts = ConnFacts {
             peer,
             local,
             scheme: Scheme::Http,
         };
-        tracker.spawn(serve_connection(stream, facts, ctx.clone()));
+        match &tls {
+            None => tracker.spawn(serve_connection(stream, facts, ctx.clone())),
+            Some(tls) => tracker.spawn(serve_tls(stream, facts, tls.clone(), ctx.clone())),
+        };
     }
 }
 
-/// Serves one connection, following the drain: once draining, HTTP/2 gets GOAWAY at
-/// once; HTTP/1 gets `Connection: close` on its next response and, if it stays idle for
-/// the grace, is closed. At the cut the connection is dropped.
-async fn serve_connection(stream: TcpStream, facts: ConnFacts, ctx: ServeContext) {
+/// Serves one connection over TLS once its handshake is done. A handshake must finish
+/// within `header_read_timeout` (a client that never finishes one is bounded as a
+/// slowloris is), and is dropped at the drain's cut.
+async fn serve_tls(stream: TrackedStream, facts: ConnFacts, tls: TlsAcceptor, ctx: ServeContext) {
     let peer = facts.peer;
-    let _ = stream.set_nodelay(true);
-    let stream = ctx.drain.track(stream);
+    let limit = ctx.limits.header_read_timeout;
+    let stream = tokio::select! {
+        res = tokio::time::timeout(limit, tls.accept(stream)) => match res {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(err)) => {
+                debug!(%peer, cause = %err, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                debug!(%peer, "TLS handshake not done within header_read_timeout: closed");
+                return;
+            }
+        },
+        () = ctx.drain.cut().cancelled() => {
+            debug!(%peer, "TLS handshake cut at wait_timeout");
+            return;
+        }
+    };
+    let facts = ConnFacts {
+        scheme: Scheme::Https,
+        ..facts
+    };
+    serve_connection(stream, facts, ctx).await;
+}
+
+/// Serves one connection, plain or TLS, following the drain: once draining, HTTP/2
+/// gets GOAWAY at once; HTTP/1 gets `Connection: close` on its next response and, if it
+/// stays idle for the grace, is closed (over TLS with a close_notify). At the cut the
+/// connection is dropped.
+async fn serve_connection<S>(stream: S, facts: ConnFacts, ctx: ServeContext)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = facts.peer;
     let is_h2 = Arc::new(AtomicBool::new(false));
     let service = {
         let (ctx, is_h2) = (ctx.clone(), is_h2.clone());

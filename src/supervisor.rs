@@ -79,6 +79,8 @@ struct Spec {
     listeners: Vec<(String, OwnedFd)>,
     /// The plugin's SHA-256, hashed here from the copy.
     sha256: Option<String>,
+    /// Each TLS listener's certificate, checked when the spec was made.
+    tls: Vec<control::ListenerTls>,
 }
 
 impl Spec {
@@ -86,6 +88,8 @@ impl Spec {
     /// `current` where the address is unchanged.
     fn new(config: Config, current: &[(String, OwnedFd)]) -> Result<Spec, Error> {
         let json = config.to_json()?;
+        // A broken certificate or key fails the restart here, before a worker starts.
+        let tls = crate::tls::check_listeners(&config.listen)?;
         let memfd = crate::plugin::sealed_copy(&config.handler, &config.handler)?;
         let sha256 = sha256_of(memfd.as_file());
         let plugin = OwnedFd::from(memfd.into_file());
@@ -105,6 +109,7 @@ impl Spec {
             plugin,
             listeners,
             sha256,
+            tls,
         })
     }
 
@@ -895,6 +900,7 @@ impl Supervisor {
                         },
                         listeners: Vec::new(),
                         sha256: None,
+                        tls: Vec::new(),
                     }),
                     Purpose::Upgrade(waiters),
                     &why,
@@ -1222,6 +1228,9 @@ impl Supervisor {
                 workers,
             }),
             phase: Some(self.phase().into()),
+            tls: spec
+                .map(|s| crate::tls::refreshed(&s.tls))
+                .unwrap_or_default(),
         }
     }
 
@@ -1347,6 +1356,18 @@ impl Supervisor {
             })
             .collect();
         env.push((crate::handover::ENV_SUPERVISOR_STATE.into(), json.into()));
+        // The TLS ticket keys survive the re-exec in a sealed memfd, as they reach workers.
+        let tickets = match crate::tls::sealed_ticket_keys() {
+            Ok(fd) => fd,
+            Err(e) => return format!("keeping the TLS ticket keys: {e}"),
+        };
+        if let Err(e) = rustix::io::fcntl_setfd(&tickets, rustix::io::FdFlags::empty()) {
+            return format!("keeping the TLS ticket keys: {e}");
+        }
+        env.push((
+            crate::handover::ENV_TICKETS_FD.into(),
+            tickets.as_raw_fd().to_string().into(),
+        ));
         let exec = match crate::exec::Exec::new(&self.launch.exe, &self.launch.args, env) {
             Ok(exec) => exec,
             Err(e) => return e.to_string(),
@@ -1476,6 +1497,7 @@ impl Supervisor {
                 listeners.push((label, take(fd)?));
             }
             specs.push(Arc::new(Spec {
+                tls: crate::tls::check_listeners(&config.listen).unwrap_or_default(),
                 config,
                 json: s.json,
                 plugin: take(s.plugin)?,

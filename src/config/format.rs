@@ -193,14 +193,72 @@ pub(super) fn relative_path_opt<'de, D: Deserializer<'de>>(
 
 impl Serialize for ListenAddr {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.spec)
+        use serde::ser::SerializeMap;
+        match &self.tls {
+            None => s.serialize_str(&self.spec),
+            Some(tls) => {
+                let mut map = s.serialize_map(Some(3))?;
+                map.serialize_entry(LISTEN_ADDR, &self.spec)?;
+                map.serialize_entry(LISTEN_CERT, &tls.cert)?;
+                map.serialize_entry(LISTEN_KEY, &tls.key)?;
+                map.end()
+            }
+        }
     }
 }
 
+/// The keys of a `listen` table.
+const LISTEN_ADDR: &str = "addr";
+const LISTEN_CERT: &str = "tls_cert";
+const LISTEN_KEY: &str = "tls_key";
+const LISTEN_KEYS: &[&str] = &[LISTEN_ADDR, LISTEN_CERT, LISTEN_KEY];
+
 impl<'de> Deserialize<'de> for ListenAddr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let spec = String::deserialize(d)?;
-        ListenAddr::parse(&spec).map_err(de::Error::custom)
+        d.deserialize_any(ListenVisitor)
+    }
+}
+
+/// A `listen` entry: a string, or a table with `addr` and (for TLS) `tls_cert` and
+/// `tls_key`. The paths are read as [`RelativePathBuf`] straight from figment's own
+/// deserializer, so they are relative to the file they were written in.
+struct ListenVisitor;
+
+impl<'de> Visitor<'de> for ListenVisitor {
+    type Value = ListenAddr;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an address like \"127.0.0.1:8080\" or a table { addr = \"0.0.0.0:8443\", tls_cert = \"cert.pem\", tls_key = \"key.pem\" }")
+    }
+
+    fn visit_str<E: de::Error>(self, spec: &str) -> Result<ListenAddr, E> {
+        ListenAddr::parse(spec).map_err(E::custom)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ListenAddr, A::Error> {
+        let (mut addr, mut cert, mut key) = (None, None, None);
+        while let Some(name) = map.next_key::<String>()? {
+            match name.as_str() {
+                LISTEN_ADDR => addr = Some(map.next_value::<String>()?),
+                LISTEN_CERT => cert = Some(map.next_value::<RelativePathBuf>()?.relative()),
+                LISTEN_KEY => key = Some(map.next_value::<RelativePathBuf>()?.relative()),
+                other => return Err(de::Error::unknown_field(other, LISTEN_KEYS)),
+            }
+        }
+        let addr = addr.ok_or_else(|| de::Error::missing_field(LISTEN_ADDR))?;
+        let addr = ListenAddr::parse(&addr).map_err(de::Error::custom)?;
+        match (cert, key) {
+            (None, None) => Ok(addr),
+            (Some(cert), Some(key)) => Ok(addr.with_tls(super::TlsFiles { cert, key })),
+            (Some(_), None) => Err(de::Error::custom(format!(
+                "{:?} has `tls_cert` but no `tls_key`",
+                addr.spec
+            ))),
+            (None, Some(_)) => Err(de::Error::custom(format!(
+                "{:?} has `tls_key` but no `tls_cert`",
+                addr.spec
+            ))),
+        }
     }
 }
 
@@ -319,6 +377,16 @@ pub(super) fn show(value: &serde_json::Value) -> String {
         Value::Null => "-".to_owned(),
         Value::String(s) => s.clone(),
         Value::Array(items) => items.iter().map(show).collect::<Vec<_>>().join(", "),
+        // A TLS listener.
+        Value::Object(map) if map.contains_key(LISTEN_ADDR) => {
+            let field = |k: &str| map.get(k).map(show).unwrap_or_default();
+            format!(
+                "{} (tls_cert {}, tls_key {})",
+                field(LISTEN_ADDR),
+                field(LISTEN_CERT),
+                field(LISTEN_KEY)
+            )
+        }
         other => other.to_string(),
     }
 }

@@ -268,7 +268,8 @@ impl Limits {
 const POSITIVE: &str = "must be greater than 0";
 
 /// One listen address: what the user wrote and the socket address it means. Written
-/// in the config as its `spec`.
+/// in the config as its `spec`, or as a table `{ addr = SPEC, tls_cert = FILE,
+/// tls_key = FILE }` for a TLS listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenAddr {
     /// As written, e.g. `127.0.0.1:0` or `:8080`. Also the name an inherited socket is
@@ -276,6 +277,18 @@ pub struct ListenAddr {
     pub spec: String,
     /// The address to bind.
     pub addr: SocketAddr,
+    /// For a TLS listener: its certificate and key files, read afresh by every
+    /// generation (so a restart rotates them).
+    pub tls: Option<TlsFiles>,
+}
+
+/// The files of a TLS listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The certificate chain, PEM, leaf first (`tls_cert`).
+    pub cert: PathBuf,
+    /// The private key, PEM: PKCS#8, PKCS#1 or SEC1 (`tls_key`).
+    pub key: PathBuf,
 }
 
 impl fmt::Display for ListenAddr {
@@ -298,7 +311,21 @@ impl ListenAddr {
         Ok(ListenAddr {
             spec: text.to_owned(),
             addr,
+            tls: None,
         })
+    }
+
+    /// The same address served over TLS with `tls`.
+    pub fn with_tls(self, tls: TlsFiles) -> ListenAddr {
+        ListenAddr {
+            tls: Some(tls),
+            ..self
+        }
+    }
+
+    /// `https` for a TLS listener, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
     }
 }
 
@@ -344,6 +371,7 @@ impl Config {
         all.extend(self.metrics_listen.as_ref().map(|m| ListenAddr {
             spec: format!("{METRICS_LABEL}{}", m.spec),
             addr: m.addr,
+            tls: None,
         }));
         all
     }
