@@ -6,6 +6,7 @@ pub mod client;
 pub mod fleet;
 pub mod load;
 pub mod supervise;
+pub mod tls;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
