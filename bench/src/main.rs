@@ -2,7 +2,7 @@
 //! machine: restarts under load, restart latency, throughput, memory and leaks, drain
 //! time, HTTP/2 through restarts, and supervised mode (restarts, a killed worker, a
 //! crashing plugin rolled back by probation, restart latency), a rolling upgrade behind
-//! HAProxy, and the cost of the access log and metrics. Prints a table and rewrites
+//! HAProxy, the cost of the access log and metrics, and TLS beside nginx. Prints a table and rewrites
 //! BENCHMARKS.md.
 //!
 //! Run it through `bench/run [--quick] [--only 2,3]`, which installs the tools and builds
@@ -11,6 +11,7 @@
 mod fleet;
 mod peers;
 mod supervise;
+mod tls;
 mod tools;
 
 use std::fmt::Write as _;
@@ -123,7 +124,7 @@ fn main() -> Result<()> {
             args.get(i + 1)
                 .context("--only needs scenario numbers, e.g. --only 2,3")?
                 .split(',')
-                .map(|n| n.trim().parse().context("--only takes numbers 1 to 12"))
+                .map(|n| n.trim().parse().context("--only takes numbers 1 to 13"))
                 .collect::<Result<_>>()?,
         ),
         None => None,
@@ -137,7 +138,7 @@ fn main() -> Result<()> {
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
 
     type Scenario<'a> = (&'a str, Box<dyn Fn() -> Result<String> + 'a>);
-    let scenarios: [Scenario; 12] = [
+    let scenarios: [Scenario; 13] = [
         (
             "1. Restarts under load",
             Box::new(|| restarts_under_load(&build, &plan, workers)),
@@ -179,6 +180,10 @@ fn main() -> Result<()> {
         (
             "12. Cost of the access log and metrics",
             Box::new(|| fleet::cost(&build, &plan)),
+        ),
+        (
+            "13. TLS",
+            Box::new(|| tls::scenario(&build, &plan, workers)),
         ),
     ];
     for (n, (title, run)) in (1..).zip(&scenarios) {

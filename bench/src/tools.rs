@@ -48,7 +48,7 @@ pub fn wrk(addr: SocketAddr, conns: u32, duration: Duration, close: bool) -> Res
     parse_wrk(&text)
 }
 
-fn parse_wrk(text: &str) -> Result<Wrk> {
+pub(crate) fn parse_wrk(text: &str) -> Result<Wrk> {
     let mut w = Wrk::default();
     for line in text.lines().map(str::trim) {
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -119,7 +119,11 @@ pub fn h2load(addr: SocketAddr, duration: Duration) -> Result<H2load> {
         ])
         .output()
         .context("running h2load (apt-get install nghttp2-client)")?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    parse_h2load(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// h2load's `requests:` line.
+pub(crate) fn parse_h2load(text: &str) -> Result<H2load> {
     for line in text.lines() {
         let Some(rest) = line.strip_prefix("requests: ") else {
             continue;
