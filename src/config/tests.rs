@@ -317,3 +317,53 @@ fn metrics_listen_needs_a_port_no_listen_address_takes() {
         Ok(())
     });
 }
+
+#[test]
+fn a_listen_table_is_a_tls_listener_with_paths_relative_to_the_file() {
+    Jail::expect_with(|jail| {
+        jail.create_dir("conf")?;
+        jail.create_file(
+            "conf/gem.toml",
+            r#"listen = ["127.0.0.1:8080", { addr = ":8443", tls_cert = "c.pem", tls_key = "/k.pem" }]"#,
+        )?;
+        let c = Config::load(Some(Path::new("conf/gem.toml")), &()).unwrap();
+        assert_eq!(c.listen[0].tls, None);
+        let tls = c.listen[1].tls.clone().unwrap();
+        assert_eq!(tls.cert, jail.directory().join("conf/c.pem"));
+        assert_eq!(tls.key, PathBuf::from("/k.pem"));
+        assert_eq!(c.listen[1].addr, "0.0.0.0:8443".parse().unwrap());
+        assert_eq!(c.listen[1].scheme(), "https");
+        // A worker gets the same listeners through JSON.
+        let again = Config::from_json(&c.to_json().unwrap()).unwrap();
+        assert_eq!(again.listen, c.listen);
+        // In the environment, paths are relative to the working directory.
+        jail.set_env(
+            "GEM_LISTEN",
+            r#"[{ addr = "127.0.0.1:0", tls_cert = "c.pem", tls_key = "k.pem" }]"#,
+        );
+        let c = Config::load(Some(Path::new("conf/gem.toml")), &()).unwrap();
+        assert_eq!(c.listen[0].tls.clone().unwrap().cert, PathBuf::from("c.pem"));
+        Ok(())
+    });
+}
+
+#[test]
+fn a_listen_table_with_an_unknown_or_missing_key_is_an_error() {
+    Jail::expect_with(|jail| {
+        for (table, needle) in [
+            (
+                r#"{ addr = ":1", tls_cert = "c", tls_kee = "k" }"#,
+                "unknown field `tls_kee`",
+            ),
+            (r#"{ addr = ":1", tls_cert = "c" }"#, "no `tls_key`"),
+            (r#"{ tls_cert = "c", tls_key = "k" }"#, "missing field `addr`"),
+            (r#"{ addr = "nowhere" }"#, "is not an address"),
+        ] {
+            jail.create_file("gem.toml", &format!("listen = [{table}]"))?;
+            let err = load(&()).unwrap_err().to_string();
+            assert!(err.contains(needle), "{table}: {err}");
+            assert!(err.contains("`listen`") && err.contains("gem.toml"), "{err}");
+        }
+        Ok(())
+    });
+}
