@@ -512,8 +512,18 @@ impl ChildFds {
         }
         let n = fds.push(ready);
         fds.env.push((ENV_READY_FD, n.to_string()));
-        let n = fds.push(crate::tls::sealed_ticket_keys()?);
-        fds.env.push((ENV_TICKETS_FD, n.to_string()));
+        // Without the keys the child makes its own: earlier TLS sessions do not resume,
+        // which is no reason to fail the upgrade.
+        match crate::tls::sealed_ticket_keys() {
+            Ok(tickets) => {
+                let n = fds.push(tickets);
+                fds.env.push((ENV_TICKETS_FD, n.to_string()));
+            }
+            Err(err) => warn!(
+                "[{}] cannot hand the TLS ticket keys over ({err}): sessions will not resume after this restart",
+                std::process::id()
+            ),
+        }
         fds.env.push((ENV_GENERATION, generation.to_string()));
         Ok(fds)
     }

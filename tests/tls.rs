@@ -127,11 +127,22 @@ fn reload_rotates_the_certificate_without_a_failed_request() {
 
 #[test]
 fn a_broken_key_at_reload_keeps_the_old_certificate() {
+    broken_key_at_reload(false);
+}
+
+#[test]
+fn a_broken_key_at_reload_keeps_the_old_certificate_when_supervised() {
+    broken_key_at_reload(true);
+}
+
+fn broken_key_at_reload(supervise: bool) {
     let certs = tempfile::tempdir().unwrap();
     let site = good_cert(certs.path(), "site");
-    let mut gem = start_tls(&site, "");
+    let extra = if supervise { "supervise = true" } else { "" };
+    let mut gem = start_tls(&site, extra);
     let addr = https_addr(&gem);
     let pid = gem.pid();
+    let generation = gem.status()["generation"].as_u64().unwrap();
     // The key file now holds a certificate: a classic copy-paste slip.
     std::fs::copy(&site.cert, &site.key).unwrap();
     let (status, text) = reload(&gem);
@@ -139,6 +150,7 @@ fn a_broken_key_at_reload_keeps_the_old_certificate() {
     assert!(text.contains(&site.key.display().to_string()), "{text}");
     assert!(text.contains("not a private key"), "{text}");
     assert_eq!(gem.pid(), pid, "the old generation serves on");
+    assert_eq!(gem.status()["generation"].as_u64().unwrap(), generation);
     let seen = get(addr, &client_config(&[b"http/1.1"]), "/").unwrap();
     assert_eq!(seen.cert, site.der);
     assert_eq!(seen.text(), HELLO);

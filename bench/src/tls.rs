@@ -165,7 +165,7 @@ impl Drop for TlsGem {
     }
 }
 
-/// nginx with `listen ... ssl` and HTTP/2 on the same certificate.
+/// nginx with `listen ... ssl http2` (the form nginx 1.22 takes) on the same certificate.
 struct TlsNginx {
     child: Child,
     dir: tempfile::TempDir,
@@ -213,7 +213,7 @@ impl TlsNginx {
                 "worker_processes {w};\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
                  events {{ worker_connections 4096; }}\n\
                  http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
-                 server {{\n    listen {addr} ssl backlog=4096;\n    http2 on;\n    keepalive_requests 1000000;\n\
+                 server {{\n    listen {addr} ssl http2 backlog=4096;\n    keepalive_requests 1000000;\n\
                  ssl_certificate {cert:?};\n    ssl_certificate_key {key:?};\n\
                  location / {{ default_type text/plain; return 200 \"{body}\"; }}\n  }}\n}}\n",
                 w = self.workers,

@@ -342,7 +342,10 @@ fn a_listen_table_is_a_tls_listener_with_paths_relative_to_the_file() {
             r#"[{ addr = "127.0.0.1:0", tls_cert = "c.pem", tls_key = "k.pem" }]"#,
         );
         let c = Config::load(Some(Path::new("conf/gem.toml")), &()).unwrap();
-        assert_eq!(c.listen[0].tls.clone().unwrap().cert, PathBuf::from("c.pem"));
+        assert_eq!(
+            c.listen[0].tls.clone().unwrap().cert,
+            PathBuf::from("c.pem")
+        );
         Ok(())
     });
 }
@@ -353,16 +356,22 @@ fn a_listen_table_with_an_unknown_or_missing_key_is_an_error() {
         for (table, needle) in [
             (
                 r#"{ addr = ":1", tls_cert = "c", tls_kee = "k" }"#,
-                "unknown field `tls_kee`",
+                "unknown field: found `tls_kee`",
             ),
             (r#"{ addr = ":1", tls_cert = "c" }"#, "no `tls_key`"),
-            (r#"{ tls_cert = "c", tls_key = "k" }"#, "missing field `addr`"),
+            (
+                r#"{ tls_cert = "c", tls_key = "k" }"#,
+                "missing field `addr`",
+            ),
             (r#"{ addr = "nowhere" }"#, "is not an address"),
         ] {
             jail.create_file("gem.toml", &format!("listen = [{table}]"))?;
             let err = load(&()).unwrap_err().to_string();
             assert!(err.contains(needle), "{table}: {err}");
-            assert!(err.contains("`listen`") && err.contains("gem.toml"), "{err}");
+            assert!(
+                err.contains("`listen`") && err.contains("gem.toml"),
+                "{err}"
+            );
         }
         Ok(())
     });
