@@ -10,7 +10,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
@@ -150,26 +150,37 @@ pub async fn accept_loop(
         let Ok(local) = stream.local_addr() else {
             continue;
         };
-        let _ = stream.set_nodelay(true);
-        // Tracked before anything else, TLS included: the cut at `wait_timeout` shuts
-        // the TCP socket down from outside, whatever runs on top of it.
-        let stream = ctx.drain.track(stream);
         let facts = ConnFacts {
             peer,
             local,
             scheme: Scheme::Http,
         };
         match &tls {
-            None => tracker.spawn(serve_connection(stream, facts, ctx.clone())),
+            None => tracker.spawn(serve_plain(stream, facts, ctx.clone())),
             Some(tls) => tracker.spawn(serve_tls(stream, facts, tls.clone(), ctx.clone())),
         };
     }
 }
 
+/// A freshly accepted socket, registered for the drain's cut. TLS runs on top of the
+/// tracked socket, so the cut at `wait_timeout` shuts the TCP socket down from outside
+/// whatever state the TLS session is in.
+fn track(stream: TcpStream, ctx: &ServeContext) -> TrackedStream {
+    let _ = stream.set_nodelay(true);
+    ctx.drain.track(stream)
+}
+
+/// Serves one cleartext connection.
+async fn serve_plain(stream: TcpStream, facts: ConnFacts, ctx: ServeContext) {
+    let stream = track(stream, &ctx);
+    serve_connection(stream, facts, ctx).await;
+}
+
 /// Serves one connection over TLS once its handshake is done. A handshake must finish
 /// within `header_read_timeout` (a client that never finishes one is bounded as a
 /// slowloris is), and is dropped at the drain's cut.
-async fn serve_tls(stream: TrackedStream, facts: ConnFacts, tls: TlsAcceptor, ctx: ServeContext) {
+async fn serve_tls(stream: TcpStream, facts: ConnFacts, tls: TlsAcceptor, ctx: ServeContext) {
+    let stream = track(stream, &ctx);
     let peer = facts.peer;
     let limit = ctx.limits.header_read_timeout;
     let stream = tokio::select! {
