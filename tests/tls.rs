@@ -207,6 +207,12 @@ fn sessions_resume_across_worker_upgrades_and_crashes_when_supervised() {
     wait_serving_worker(&gem, "a replacement worker", |w| w.pid != second.pid);
     assert!(workers(&gem.status()).iter().all(|w| w.pid != second.pid));
     assert!(get(addr, &config, "/").unwrap().resumed, "after a crash");
+    // The supervisor re-executes itself and keeps the keys.
+    let (status, out, err) = run_gem(gem.dir.path(), &["reload", "--binary"], &[]);
+    assert!(status.success(), "{out}{err}");
+    let (status, text) = reload(&gem);
+    assert!(status.success(), "{text}");
+    assert!(get(addr, &config, "/").unwrap().resumed, "after a re-exec");
 }
 
 #[test]
@@ -340,4 +346,76 @@ fn relative_paths_in_the_file_and_gem_listen_work() {
     );
     assert!(status.success(), "{out}{err}");
     assert!(out.contains("subject CN=rel"), "{out}");
+}
+
+#[test]
+fn a_certificate_close_to_expiry_is_warned_about() {
+    let certs = tempfile::tempdir().unwrap();
+    let soon = make_cert(certs.path(), "soon", -80, 5);
+    let gem = start_tls(&soon, "");
+    let line = gem.wait_log("expires in");
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains(&soon.cert.display().to_string()), "{line}");
+    // Five days at most, less the seconds since it was made.
+    assert!(
+        line.contains("expires in 4 days") || line.contains("expires in 5 days"),
+        "{line}"
+    );
+    let (status, out, _) = run_gem(gem.dir.path(), &["check"], &[]);
+    assert!(status.success());
+    assert!(out.contains("warning: the TLS certificate"), "{out}");
+}
+
+#[test]
+fn a_drain_ends_idle_tls_connections_with_close_notify_and_h2_with_goaway() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let certs = tempfile::tempdir().unwrap();
+    let site = good_cert(certs.path(), "site");
+    let gem = start_tls(&site, "idle_grace = \"200ms\"\nprobation = \"0s\"");
+    let addr = https_addr(&gem);
+    let rt = common::tls::runtime();
+    let (mut h1, mut h2) = rt.block_on(async {
+        let connect = |alpn: &'static [u8]| async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            tokio_rustls::TlsConnector::from(client_config(&[alpn]))
+                .connect(name, tcp)
+                .await
+                .unwrap()
+        };
+        let mut h1 = connect(b"http/1.1").await;
+        h1.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = h1.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).ends_with(HELLO));
+        let h2 = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(connect(b"h2").await),
+        )
+        .await
+        .unwrap();
+        (h1, h2)
+    });
+    let h2_conn = rt.spawn(h2.1);
+    let req = http::Request::builder()
+        .uri("https://localhost/")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = rt.block_on(h2.0.send_request(req)).unwrap();
+    assert_eq!(resp.status(), 200);
+
+    let (status, text) = reload(&gem);
+    assert!(status.success(), "{text}");
+    rt.block_on(async {
+        // A clean end: rustls reports a close without close_notify as an error.
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), h1.read_to_end(&mut rest));
+        assert_eq!(read.await.unwrap().unwrap(), 0, "close_notify, then EOF");
+        // GOAWAY: the client connection finishes without an error.
+        let ended = tokio::time::timeout(Duration::from_secs(10), h2_conn).await;
+        ended.unwrap().unwrap().unwrap();
+    });
+    assert!(h2.0.is_closed());
 }
