@@ -419,3 +419,40 @@ fn a_drain_ends_idle_tls_connections_with_close_notify_and_h2_with_goaway() {
     });
     assert!(h2.0.is_closed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_library_builder_serves_tls() {
+    use gem::control::{self, Command, ReplyBody};
+    let dir = tempfile::tempdir().unwrap();
+    let site = good_cert(dir.path(), "lib");
+    let socket = dir.path().join("gem.sock");
+    let server = gem::Server::builder()
+        .listen_tls("127.0.0.1:0", &site.cert, &site.key)
+        .handler(|_| gem::Response::text(200, "from the library"))
+        .control_socket(&socket)
+        .build()
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let signals = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let run = tokio::spawn(server.run_with_signals(signals));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Ok(reply) = control::call(&socket, Command::Status, Duration::from_secs(1)).await
+            && let ReplyBody::Status(status) = reply.body
+        {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "no status");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(status.tls[0].cert.subject, "CN=lib");
+    let addr = status.listen[0].parse().unwrap();
+    let resp = common::tls::get_async(addr, client_config(&[b"h2"]), "/")
+        .await
+        .unwrap();
+    assert_eq!(resp.text(), "from the library");
+    assert_eq!(resp.version, http::Version::HTTP_2);
+    tx.send(gem::Signal::TERM).await.unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(10), run).await;
+    exit.unwrap().unwrap().unwrap();
+}
