@@ -8,6 +8,7 @@
 //! Run it through `bench/run [--quick] [--only 2,3]`, which installs the tools and builds
 //! first.
 
+mod abi;
 mod fleet;
 mod peers;
 mod supervise;
@@ -123,7 +124,7 @@ fn main() -> Result<()> {
             args.get(i + 1)
                 .context("--only needs scenario numbers, e.g. --only 2,3")?
                 .split(',')
-                .map(|n| n.trim().parse().context("--only takes numbers 1 to 12"))
+                .map(|n| n.trim().parse().context("--only takes numbers 1 to 13"))
                 .collect::<Result<_>>()?,
         ),
         None => None,
@@ -137,7 +138,7 @@ fn main() -> Result<()> {
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
 
     type Scenario<'a> = (&'a str, Box<dyn Fn() -> Result<String> + 'a>);
-    let scenarios: [Scenario; 12] = [
+    let scenarios: [Scenario; 13] = [
         (
             "1. Restarts under load",
             Box::new(|| restarts_under_load(&build, &plan, workers)),
@@ -179,6 +180,10 @@ fn main() -> Result<()> {
         (
             "12. Cost of the access log and metrics",
             Box::new(|| fleet::cost(&build, &plan)),
+        ),
+        (
+            "13. Plugin ABI 2: allocations, streams",
+            Box::new(|| abi::abi2(&build, &plan)),
         ),
     ];
     for (n, (title, run)) in (1..).zip(&scenarios) {

@@ -1,0 +1,291 @@
+//! Scenario 13, plugin ABI 2: heap allocations per hello-world request (counted
+//! exactly by a preloaded malloc counter, `alloc_count.c`), a streamed 1 GiB response
+//! (gem's memory, and its rate beside hyper's), and a 1 GiB request body read in
+//! chunks (gem's memory).
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::Plan;
+use crate::peers::{Build, HELLO, free_port, rss_kib, wait_serving};
+use crate::tools::wrk;
+
+/// A server started for this scenario, stopped (SIGKILL is fine here) on drop.
+struct Proc {
+    child: Child,
+    addr: SocketAddr,
+    /// Where its allocation counters are, when counted.
+    counts: Option<PathBuf>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Allocations and reallocations so far.
+    fn counts(&self) -> Result<(u64, u64)> {
+        let path = self.counts.as_ref().context("not counted")?;
+        let bytes = std::fs::read(path)?;
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(w)
+        };
+        Ok((word(0), word(1)))
+    }
+}
+
+/// Starts gem with the hello plugin, or the hyper example, optionally under the counter.
+fn start(build: &Build, dir: &Path, gem: bool, shim: Option<&Path>) -> Result<Proc> {
+    let port = free_port()?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let name = if gem { "gem" } else { "hyper" };
+    let mut cmd = if gem {
+        let toml = format!(
+            "listen = [\"127.0.0.1:{port}\"]\nhandler = {:?}\npid_file = \"{name}.pid\"\n\
+             control_socket = \"{name}.sock\"\n",
+            build.hello_so
+        );
+        std::fs::write(dir.join("gem.toml"), toml)?;
+        let mut c = Command::new(&build.gem);
+        c.args(["serve", "--config", "gem.toml"]);
+        c
+    } else {
+        let mut c = Command::new(&build.hyper);
+        c.arg(addr.to_string());
+        c
+    };
+    cmd.current_dir(dir)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let counts = match shim {
+        Some(shim) => {
+            let file = dir.join(format!("{name}.counts"));
+            std::fs::write(&file, [0u8; 4096])?;
+            cmd.env("LD_PRELOAD", shim)
+                .env("GEM_ALLOC_COUNT_FILE", &file);
+            Some(file)
+        }
+        None => None,
+    };
+    let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+    let proc = Proc {
+        child,
+        addr,
+        counts,
+    };
+    wait_serving(addr, HELLO)?;
+    Ok(proc)
+}
+
+/// Builds the malloc counter with the system C compiler.
+fn build_shim(dir: &Path) -> Result<PathBuf> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/alloc_count.c");
+    let out = dir.join("alloc_count.so");
+    let status = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O2", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .context("running cc (apt-get install gcc)")?;
+    if !status.success() {
+        bail!("cc failed on {}", src.display());
+    }
+    Ok(out)
+}
+
+pub fn abi2(build: &Build, plan: &Plan) -> Result<String> {
+    let dir = tempfile::tempdir()?;
+    let mut out = String::new();
+    allocations(build, plan, dir.path(), &mut out)?;
+    streamed(build, dir.path(), &mut out)?;
+    Ok(out)
+}
+
+fn allocations(build: &Build, plan: &Plan, dir: &Path, out: &mut String) -> Result<()> {
+    let shim = build_shim(dir)?;
+    let _ = writeln!(
+        out,
+        "Heap allocations per `GET /` (keep-alive wrk, 64 connections, {} s after 1 s of \
+         warm-up), counted exactly by a preloaded counter of malloc, calloc, realloc and \
+         the aligned allocations (`bench/src/alloc_count.c`); reallocations of a live \
+         block are shown apart.\n\n| server | requests | allocations/request | reallocations/request |\n|---|---|---|---|",
+        plan.throughput.as_secs()
+    );
+    let mut per = Vec::new();
+    for gem in [false, true] {
+        let proc = start(build, dir, gem, Some(&shim))?;
+        wrk(proc.addr, 64, Duration::from_secs(1), false)?;
+        let (a0, r0) = proc.counts()?;
+        let w = wrk(proc.addr, 64, plan.throughput, false)?;
+        let (a1, r1) = proc.counts()?;
+        let n = w.requests.max(1) as f64;
+        let (allocs, reallocs) = ((a1 - a0) as f64 / n, (r1 - r0) as f64 / n);
+        let name = if gem { "gem (hello plugin)" } else { "hyper" };
+        let _ = writeln!(
+            out,
+            "| {name} | {} | {allocs:.2} | {reallocs:.2} |",
+            w.requests
+        );
+        per.push(allocs);
+    }
+    let _ = writeln!(
+        out,
+        "\nTarget ≤ 4 allocations per request for gem: {}.\n",
+        crate::verdict(per[1] <= 4.0, || format!("{:.2}", per[1]))
+    );
+    Ok(())
+}
+
+/// Samples `pid`'s resident memory until stopped; the peak, in KiB.
+struct Peak {
+    stop: Arc<AtomicBool>,
+    peak: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Peak {
+    fn watch(pid: u32) -> Peak {
+        let stop = Arc::new(AtomicBool::new(false));
+        let peak = Arc::new(AtomicU64::new(rss_kib(pid).unwrap_or(0)));
+        let (s, p) = (stop.clone(), peak.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                if let Some(rss) = rss_kib(pid) {
+                    p.fetch_max(rss, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        Peak {
+            stop,
+            peak,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
+/// `GET path` with `Connection: close`, read to the end as fast as possible: the bytes
+/// (head and chunk framing included) and the time.
+fn download(addr: SocketAddr, path: &str) -> Result<(u64, Duration)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let started = Instant::now();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        match s.read(&mut buf)? {
+            0 => break,
+            n => total += n as u64,
+        }
+    }
+    Ok((total, started.elapsed()))
+}
+
+/// `POST /count` with a `len`-byte body: gem's answer.
+fn upload(addr: SocketAddr, len: u64) -> Result<String> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    write!(
+        s,
+        "POST /count HTTP/1.1\r\nHost: b\r\nConnection: close\r\nContent-Length: {len}\r\n\r\n"
+    )?;
+    let block = vec![b'x'; 256 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(block.len() as u64) as usize;
+        s.write_all(&block[..n])?;
+        left -= n as u64;
+    }
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
+fn streamed(build: &Build, dir: &Path, out: &mut String) -> Result<()> {
+    const GIB: u64 = 1 << 30;
+    let _ = writeln!(
+        out,
+        "`GET /stream?mb=1024` read as fast as the client can (one connection), beside \
+         hyper serving the same generated stream (`examples/hyper_hello.rs`, 64 KiB \
+         chunks, each copied once); then `POST /count` with a 1 GiB body, which the demo \
+         plugin reads in chunks. RSS growth is the peak (sampled every 10 ms) over the \
+         RSS before.\n\n| server | request | MiB/s | RSS growth KiB |\n|---|---|---|---|"
+    );
+    let mut rates = Vec::new();
+    let mut growths = Vec::new();
+    for gem in [false, true] {
+        let proc = start(build, dir, gem, None)?;
+        let name = if gem { "gem" } else { "hyper" };
+        // Warm up: the stream thread, the buffers.
+        download(proc.addr, "/stream?mb=8")?;
+        let peak = Peak::watch(proc.pid());
+        let before = rss_kib(proc.pid()).unwrap_or(0);
+        let (bytes, took) = download(proc.addr, "/stream?mb=1024")?;
+        let grown = peak.finish().saturating_sub(before);
+        if bytes < GIB {
+            bail!("{name} sent {bytes} bytes for 1 GiB");
+        }
+        let rate = bytes as f64 / (1 << 20) as f64 / took.as_secs_f64();
+        let _ = writeln!(
+            out,
+            "| {name} | GET /stream?mb=1024 | {rate:.0} | {grown} |"
+        );
+        rates.push(rate);
+        if gem {
+            growths.push(grown);
+            let peak = Peak::watch(proc.pid());
+            let before = rss_kib(proc.pid()).unwrap_or(0);
+            let started = Instant::now();
+            let answer = upload(proc.addr, GIB)?;
+            let took = started.elapsed();
+            let grown = peak.finish().saturating_sub(before);
+            if !answer.ends_with(&format!("\r\n\r\n{GIB}\n")) {
+                bail!("POST /count answered {answer:?}");
+            }
+            let rate = GIB as f64 / (1 << 20) as f64 / took.as_secs_f64();
+            let _ = writeln!(out, "| gem | POST /count (1 GiB) | {rate:.0} | {grown} |");
+            growths.push(grown);
+        }
+    }
+    let to_hyper = rates[1] / rates[0];
+    let _ = writeln!(
+        out,
+        "\nStream rate gem/hyper = {to_hyper:.3}. Target RSS growth < 8 MiB for the stream: \
+         {}; for the upload: {}. Target stream rate within 20 % of hyper: {}.",
+        crate::verdict(growths[0] < 8 * 1024, || format!("{} KiB", growths[0])),
+        crate::verdict(growths[1] < 8 * 1024, || format!("{} KiB", growths[1])),
+        crate::verdict(to_hyper >= 0.8, || format!("{to_hyper:.3}")),
+    );
+    Ok(())
+}
