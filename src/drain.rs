@@ -3,7 +3,7 @@
 //! rest at `wait_timeout`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -22,12 +22,16 @@ pub struct DrainSignal {
 struct Inner {
     /// Flips to `true` once: from then on responses carry `Connection: close`.
     draining: watch::Sender<bool>,
+    /// The same, read by every request without the watch channel's lock.
+    draining_now: AtomicBool,
     /// Cancelled to stop every accept loop.
     stop_accepting: CancellationToken,
     /// Cancelled at `wait_timeout` to cut the connections still open.
     cut: CancellationToken,
-    /// Requests currently inside the handler or having their body read.
-    in_flight: AtomicUsize,
+    /// Requests currently inside the handler or having their body read (or streaming
+    /// their response), in shards: each thread counts on its own cache line, so the
+    /// serving threads never write the same one. Only the sum means anything.
+    in_flight: [Shard; SHARDS],
     /// The open client connections' sockets: their count, and for the cut.
     sockets: OpenSockets,
     /// How long an idle keep-alive connection may linger once draining.
@@ -50,15 +54,50 @@ pub enum DrainOutcome {
 /// shut down under them.
 const CUT_GRACE: Duration = Duration::from_millis(100);
 
+/// Shards of the in-flight count.
+const SHARDS: usize = 16;
+
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Shard(AtomicIsize);
+
+/// This thread's shard.
+fn shard() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    SHARD.with(|s| *s)
+}
+
 /// Counts a request as in flight for as long as it lives.
 #[derive(Debug)]
 pub struct Counted {
     inner: Arc<Inner>,
+    shard: usize,
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.inner.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.inner.in_flight[self.shard]
+            .0
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts a request as in flight for as long as it lives, borrowing the signal (no
+/// reference count to touch).
+#[derive(Debug)]
+pub struct CountedRef<'a> {
+    inner: &'a Inner,
+    shard: usize,
+}
+
+impl Drop for CountedRef<'_> {
+    fn drop(&mut self) {
+        self.inner.in_flight[self.shard]
+            .0
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -68,9 +107,10 @@ impl DrainSignal {
         DrainSignal {
             inner: Arc::new(Inner {
                 draining: watch::Sender::new(false),
+                draining_now: AtomicBool::new(false),
                 stop_accepting: CancellationToken::new(),
                 cut: CancellationToken::new(),
-                in_flight: AtomicUsize::new(0),
+                in_flight: Default::default(),
                 sockets: OpenSockets::default(),
                 idle_grace,
             }),
@@ -80,12 +120,13 @@ impl DrainSignal {
     /// Starts the drain: accept loops stop, responses get `Connection: close`.
     pub fn begin(&self) {
         self.inner.stop_accepting.cancel();
+        self.inner.draining_now.store(true, Ordering::Release);
         self.inner.draining.send_replace(true);
     }
 
     /// Whether the drain has begun.
     pub fn is_draining(&self) -> bool {
-        *self.inner.draining.borrow()
+        self.inner.draining_now.load(Ordering::Acquire)
     }
 
     /// Resolves once the drain begins.
@@ -112,9 +153,25 @@ impl DrainSignal {
 
     /// Marks one request as in flight until the guard drops.
     pub fn request(&self) -> Counted {
-        self.inner.in_flight.fetch_add(1, Ordering::Relaxed);
+        let shard = shard();
+        self.inner.in_flight[shard]
+            .0
+            .fetch_add(1, Ordering::Relaxed);
         Counted {
             inner: self.inner.clone(),
+            shard,
+        }
+    }
+
+    /// Marks one request as in flight until the guard drops; the guard borrows.
+    pub fn request_ref(&self) -> CountedRef<'_> {
+        let shard = shard();
+        self.inner.in_flight[shard]
+            .0
+            .fetch_add(1, Ordering::Relaxed);
+        CountedRef {
+            inner: &self.inner,
+            shard,
         }
     }
 
@@ -126,7 +183,13 @@ impl DrainSignal {
 
     /// Requests in flight right now.
     pub fn in_flight(&self) -> usize {
-        self.inner.in_flight.load(Ordering::Relaxed)
+        let sum: isize = self
+            .inner
+            .in_flight
+            .iter()
+            .map(|s| s.0.load(Ordering::Relaxed))
+            .sum();
+        usize::try_from(sum).unwrap_or(0)
     }
 
     /// Connections open right now.
@@ -220,7 +283,15 @@ mod tests {
     async fn in_flight_guard_counts() {
         let drain = DrainSignal::new(Duration::ZERO);
         let a = drain.request();
-        let b = drain.request();
+        let b = drain.request_ref();
+        let moved = std::thread::spawn({
+            let drain = drain.clone();
+            move || drain.request()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(drain.in_flight(), 3);
+        drop(moved);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await

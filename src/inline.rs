@@ -124,6 +124,16 @@ impl Runner {
         }
     }
 
+    /// Runs `call` right here if an inline slot is free (`None` if not). Unlike
+    /// [`Runner::run`], `call` may borrow. A panic becomes `Err` with its message.
+    pub(crate) fn try_inline<T>(&self, call: impl FnOnce() -> T) -> Option<Result<T, String>> {
+        let _slot = self.try_take()?;
+        Some(
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(call))
+                .map_err(|payload| panic_message(payload.as_ref())),
+        )
+    }
+
     /// Runs `call`: inline if `may_inline` and a slot is free, otherwise on the blocking
     /// pool. A panic becomes `Err` with its message.
     pub(crate) async fn run<T, F>(&self, may_inline: bool, call: F) -> Result<T, String>

@@ -88,10 +88,24 @@ impl hyper::body::Body for Body {
     }
 }
 
-/// Numbers requests within this process, for handlers (and later the access log).
+/// Numbers requests within this process, for handlers (and later the access log):
+/// unique, not consecutive. Each thread takes a block of numbers at a time, so the
+/// serving threads do not write one shared counter per request.
 fn next_request_id() -> u64 {
+    const BLOCK: u64 = 1 << 16;
     static NEXT: AtomicU64 = AtomicU64::new(1);
-    NEXT.fetch_add(1, Ordering::Relaxed)
+    thread_local! {
+        static MINE: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
+    }
+    MINE.with(|mine| {
+        let (mut next, mut end) = mine.get();
+        if next == end {
+            next = NEXT.fetch_add(BLOCK, Ordering::Relaxed);
+            end = next + BLOCK;
+        }
+        mine.set((next + 1, end));
+        next
+    })
 }
 
 /// The parts of a request the access log needs after the handler has taken it.
@@ -109,7 +123,7 @@ pub(crate) async fn respond(
     facts: ConnFacts,
     ctx: ServeContext,
 ) -> Result<HttpResponse<Body>, std::convert::Infallible> {
-    let _in_flight = ctx.drain.request();
+    let _in_flight = ctx.drain.request_ref();
     // Timed only when someone is told.
     let observed = ctx.observers.metrics.is_some() || ctx.observers.access_log.is_some();
     let started = observed.then(Instant::now);
@@ -206,18 +220,31 @@ async fn call_handler(
             }
         }
     };
-    let handler = ctx.handler.clone();
-    let call = move || {
-        let mut exchange = Exchange::new(&parts, facts, id, body_in);
-        handler.handle(&mut exchange);
-        (exchange.finish(), parts)
-    };
     // Reading a body may have woken the connection task onto this worker (HTTP/2 flow
     // control); a handler run inline would hold it up, so only bodiless calls may. A
     // handler reading its body in chunks blocks on the runtime, which it may only do
     // off the runtime's workers.
-    let may_inline = bodiless && ctx.handler.runs_inline();
-    let outcome = ctx.runner.run(may_inline, call).await;
+    let inline = (bodiless && ctx.handler.runs_inline())
+        .then(|| {
+            ctx.runner.try_inline(|| {
+                let mut exchange = Exchange::new(&parts, facts, id, BodyIn::Whole(Bytes::new()));
+                ctx.handler.handle(&mut exchange);
+                exchange.finish()
+            })
+        })
+        .flatten();
+    let outcome = match inline {
+        Some(done) => done.map(|result| (result, parts)),
+        None => {
+            let handler = ctx.handler.clone();
+            let call = move || {
+                let mut exchange = Exchange::new(&parts, facts, id, body_in);
+                handler.handle(&mut exchange);
+                (exchange.finish(), parts)
+            };
+            ctx.runner.run(false, call).await
+        }
+    };
     let (result, parts) = match outcome {
         Ok(done) => done,
         Err(why) => {
