@@ -2,11 +2,15 @@
 //! accepting, close idle connections after a grace, wait for in-flight requests, cut the
 //! rest at `wait_timeout`.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use futures_util::task::AtomicWaker;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -21,9 +25,12 @@ pub struct DrainSignal {
 #[derive(Debug)]
 struct Inner {
     /// Flips to `true` once: from then on responses carry `Connection: close`.
-    draining: watch::Sender<bool>,
-    /// The same, read by every request without the watch channel's lock.
-    draining_now: AtomicBool,
+    draining: AtomicBool,
+    /// Who waits for the drain to begin ([`Draining`]): one waker per waiting future,
+    /// registered once, so that polling it again (every time its connection task
+    /// wakes) touches no lock or line shared with other connections.
+    waiters: Mutex<HashMap<u64, Arc<AtomicWaker>>>,
+    next_waiter: AtomicU64,
     /// Cancelled to stop every accept loop.
     stop_accepting: CancellationToken,
     /// Cancelled at `wait_timeout` to cut the connections still open.
@@ -53,6 +60,52 @@ pub enum DrainOutcome {
 /// How long cut connection tasks get to end by themselves before their sockets are
 /// shut down under them.
 const CUT_GRACE: Duration = Duration::from_millis(100);
+
+/// Resolves once the drain begins: [`DrainSignal::draining`]. Cheap to poll again and
+/// again (a connection task polls it whenever it wakes): after the first poll it only
+/// touches a waker of its own.
+#[derive(Debug)]
+pub struct Draining<'a> {
+    inner: &'a Inner,
+    registered: Option<(u64, Arc<AtomicWaker>)>,
+}
+
+impl Future for Draining<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if this.inner.draining.load(Ordering::SeqCst) {
+            return Poll::Ready(());
+        }
+        match &this.registered {
+            Some((_, waker)) => waker.register(cx.waker()),
+            None => {
+                let waker = Arc::new(AtomicWaker::new());
+                waker.register(cx.waker());
+                let id = this.inner.next_waiter.fetch_add(1, Ordering::Relaxed);
+                let mut waiters = this.inner.waiters.lock().unwrap_or_else(|e| e.into_inner());
+                waiters.insert(id, waker.clone());
+                drop(waiters);
+                this.registered = Some((id, waker));
+            }
+        }
+        // `begin` sets the flag before it wakes the registered: seen now, or woken.
+        match this.inner.draining.load(Ordering::SeqCst) {
+            true => Poll::Ready(()),
+            false => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for Draining<'_> {
+    fn drop(&mut self) {
+        if let Some((id, _)) = self.registered.take() {
+            let mut waiters = self.inner.waiters.lock().unwrap_or_else(|e| e.into_inner());
+            waiters.remove(&id);
+        }
+    }
+}
 
 /// Shards of the in-flight count.
 const SHARDS: usize = 16;
@@ -106,8 +159,9 @@ impl DrainSignal {
     pub fn new(idle_grace: Duration) -> Self {
         DrainSignal {
             inner: Arc::new(Inner {
-                draining: watch::Sender::new(false),
-                draining_now: AtomicBool::new(false),
+                draining: AtomicBool::new(false),
+                waiters: Mutex::default(),
+                next_waiter: AtomicU64::new(0),
                 stop_accepting: CancellationToken::new(),
                 cut: CancellationToken::new(),
                 in_flight: Default::default(),
@@ -120,20 +174,24 @@ impl DrainSignal {
     /// Starts the drain: accept loops stop, responses get `Connection: close`.
     pub fn begin(&self) {
         self.inner.stop_accepting.cancel();
-        self.inner.draining_now.store(true, Ordering::Release);
-        self.inner.draining.send_replace(true);
+        self.inner.draining.store(true, Ordering::SeqCst);
+        let waiters = self.inner.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        for waker in waiters.values() {
+            waker.wake();
+        }
     }
 
     /// Whether the drain has begun.
     pub fn is_draining(&self) -> bool {
-        self.inner.draining_now.load(Ordering::Acquire)
+        self.inner.draining.load(Ordering::SeqCst)
     }
 
     /// Resolves once the drain begins.
-    pub async fn draining(&self) {
-        let mut rx = self.inner.draining.subscribe();
-        // The sender lives in `self`, so `wait_for` cannot fail.
-        let _ = rx.wait_for(|d| *d).await;
+    pub fn draining(&self) -> Draining<'_> {
+        Draining {
+            inner: &self.inner,
+            registered: None,
+        }
     }
 
     /// Resolves once accept loops must stop.
@@ -277,6 +335,34 @@ mod tests {
             vec![DrainOutcome::TimedOut { cut: 3 }, DrainOutcome::Clean]
         );
         assert!(drain.cut().is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn draining_wakes_every_waiter_and_forgets_dropped_ones() {
+        let drain = DrainSignal::new(Duration::ZERO);
+        let mut waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let drain = drain.clone();
+                tokio::spawn(async move { drain.draining().await })
+            })
+            .collect();
+        let mut gone = Box::pin(drain.draining());
+        assert!(futures_util::poll!(gone.as_mut()).is_pending());
+        assert!(futures_util::poll!(gone.as_mut()).is_pending());
+        drop(gone);
+        tokio::task::yield_now().await;
+        for w in &mut waiters {
+            assert!(futures_util::poll!(w).is_pending());
+        }
+        drain.begin();
+        for w in waiters {
+            tokio::time::timeout(Duration::from_secs(5), w)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        assert_eq!(drain.inner.waiters.lock().unwrap().len(), 0);
+        drain.draining().await;
     }
 
     #[tokio::test]

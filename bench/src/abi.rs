@@ -116,6 +116,7 @@ pub fn abi2(build: &Build, plan: &Plan) -> Result<String> {
     let dir = tempfile::tempdir()?;
     let mut out = String::new();
     allocations(build, plan, dir.path(), &mut out)?;
+    close(build, plan, dir.path(), &mut out)?;
     streamed(build, dir.path(), &mut out)?;
     Ok(out)
 }
@@ -151,6 +152,27 @@ fn allocations(build: &Build, plan: &Plan, dir: &Path, out: &mut String) -> Resu
         out,
         "\nTarget ≤ 4 allocations per request for gem: {}.\n",
         crate::verdict(per[1] <= 4.0, || format!("{:.2}", per[1]))
+    );
+    Ok(())
+}
+
+/// `Connection: close` throughput, gem beside hyper, interleaved rounds.
+fn close(build: &Build, plan: &Plan, dir: &Path, out: &mut String) -> Result<()> {
+    let hyper = start(build, dir, false, None)?;
+    let gem = start(build, dir, true, None)?;
+    let (mut h, mut g) = (Vec::new(), Vec::new());
+    for _ in 0..plan.rounds {
+        h.push(wrk(hyper.addr, 64, plan.throughput, true)?.rps);
+        g.push(wrk(gem.addr, 64, plan.throughput, true)?.rps);
+    }
+    let (h, g) = (crate::median(h), crate::median(g));
+    let ratio = g / h;
+    let _ = writeln!(
+        out,
+        "`Connection: close` (wrk, 64 connections, a new connection per request), {}          interleaved rounds of {} s; medians: hyper {h:.0} req/s, gem {g:.0} req/s,          gem/hyper = {ratio:.3}. Target ≥ 0.95: {}.\n",
+        plan.rounds,
+        plan.throughput.as_secs(),
+        crate::verdict(ratio >= 0.95, || format!("short by {:.3}", 0.95 - ratio))
     );
     Ok(())
 }
