@@ -118,6 +118,7 @@ pub fn abi2(build: &Build, plan: &Plan) -> Result<String> {
     allocations(build, plan, dir.path(), &mut out)?;
     close(build, plan, dir.path(), &mut out)?;
     streamed(build, dir.path(), &mut out)?;
+    events_through_restart(build, dir.path(), &mut out)?;
     Ok(out)
 }
 
@@ -309,5 +310,163 @@ fn streamed(build: &Build, dir: &Path, out: &mut String) -> Result<()> {
         crate::verdict(growths[1] < 8 * 1024, || format!("{} KiB", growths[1])),
         crate::verdict(to_hyper >= 0.8, || format!("{to_hyper:.3}")),
     );
+    Ok(())
+}
+
+/// How one `/events` client's stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// `event: bye`, then the body's proper end.
+    Bye,
+    /// The body's proper end, without a goodbye.
+    Clean,
+    /// The connection ended or failed mid-body.
+    Broken,
+}
+
+/// Reads a chunked `/events` body to its end; `ready` counts clients that got their
+/// first event.
+fn events_client(addr: SocketAddr, ready: &AtomicU64) -> Ended {
+    use std::io::BufRead;
+    let Ok(stream) = TcpStream::connect(addr) else {
+        return Ended::Broken;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut w = &stream;
+    if w.write_all(b"GET /events?n=100000&ms=100 HTTP/1.1\r\nHost: b\r\n\r\n")
+        .is_err()
+    {
+        return Ended::Broken;
+    }
+    let mut r = std::io::BufReader::new(&stream);
+    let mut line = String::new();
+    // The head.
+    loop {
+        line.clear();
+        match r.read_line(&mut line) {
+            Ok(0) | Err(_) => return Ended::Broken,
+            Ok(_) if line == "\r\n" => break,
+            Ok(_) => {}
+        }
+    }
+    let mut first = true;
+    let mut bye = false;
+    loop {
+        line.clear();
+        if !matches!(r.read_line(&mut line), Ok(n) if n > 0) {
+            return Ended::Broken;
+        }
+        let Ok(size) = usize::from_str_radix(line.trim(), 16) else {
+            return Ended::Broken;
+        };
+        let mut chunk = vec![0; size + 2];
+        if r.read_exact(&mut chunk).is_err() {
+            return Ended::Broken;
+        }
+        if size == 0 {
+            return if bye { Ended::Bye } else { Ended::Clean };
+        }
+        if first {
+            ready.fetch_add(1, Ordering::Relaxed);
+            first = false;
+        }
+        bye |= chunk.starts_with(b"event: bye");
+    }
+}
+
+fn events_through_restart(build: &Build, dir: &Path, out: &mut String) -> Result<()> {
+    const CLIENTS: usize = 1000;
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let want = Some(8192.max(limit.current.unwrap_or(0)));
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: want.min(limit.maximum).or(want),
+            maximum: limit.maximum,
+        },
+    )
+    .context("raising this process's open-file limit for 1000 clients")?;
+    let port = free_port()?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let gem_dir = dir.join("events");
+    std::fs::create_dir_all(&gem_dir)?;
+    let so = gem_dir.join("handler.so");
+    std::fs::copy(&build.hello_so, &so)?;
+    std::fs::write(
+        gem_dir.join("gem.toml"),
+        format!("listen = [\"127.0.0.1:{port}\"]\nhandler = {so:?}\n"),
+    )?;
+    let log = std::fs::File::create(gem_dir.join("gem.log"))?;
+    let mut child = Command::new("prlimit")
+        .arg("--nofile=8192:8192")
+        .arg(&build.gem)
+        .arg("serve")
+        .current_dir(&gem_dir)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("starting gem under prlimit")?;
+    let result = (|| -> Result<String> {
+        wait_serving(addr, HELLO)?;
+        let ready = Arc::new(AtomicU64::new(0));
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|_| {
+                let ready = ready.clone();
+                std::thread::Builder::new()
+                    .stack_size(128 * 1024)
+                    .spawn(move || events_client(addr, &ready))
+            })
+            .collect::<std::io::Result<_>>()?;
+        let started = Instant::now();
+        while ready.load(Ordering::Relaxed) < CLIENTS as u64 {
+            if started.elapsed() > Duration::from_secs(30) {
+                bail!(
+                    "only {} of {CLIENTS} streams started",
+                    ready.load(Ordering::Relaxed)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let load = std::thread::spawn(move || wrk(addr, 32, Duration::from_secs(4), false));
+        std::thread::sleep(Duration::from_secs(1));
+        let pid: u32 = std::fs::read_to_string(gem_dir.join("gem.pid"))?
+            .trim()
+            .parse()?;
+        crate::peers::signal(pid, "HUP")?;
+        let ends: Vec<Ended> = clients
+            .into_iter()
+            .map(|c| c.join().unwrap_or(Ended::Broken))
+            .collect();
+        let w = load
+            .join()
+            .map_err(|_| anyhow::anyhow!("wrk thread panicked"))??;
+        let count = |e: Ended| ends.iter().filter(|x| **x == e).count();
+        let (bye, clean, broken) = (count(Ended::Bye), count(Ended::Clean), count(Ended::Broken));
+        Ok(format!(
+            "{CLIENTS} concurrent `GET /events?n=100000&ms=100` streams, then a restart \
+             (SIGHUP) while wrk loads `/` on 32 other connections: {bye} ended with `bye`, \
+             {clean} ended cleanly without it, {broken} were broken off; wrk: {} requests, \
+             {} errors. Target every stream ends with `bye` or a clean end and 0 failed \
+             requests: {}.\n",
+            w.requests,
+            w.errors(),
+            crate::verdict(broken == 0 && w.errors() == 0, || format!(
+                "{broken} broken, {} failed",
+                w.errors()
+            ))
+        ))
+    })();
+    // Every generation of this gem: the first, and the one the restart started.
+    if let Ok(pid) = std::fs::read_to_string(gem_dir.join("gem.pid"))
+        && let Ok(pid) = pid.trim().parse::<u32>()
+    {
+        let _ = crate::peers::signal(pid, "TERM");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    out.push_str(&result?);
     Ok(())
 }
