@@ -170,7 +170,9 @@ fn close(build: &Build, plan: &Plan, dir: &Path, out: &mut String) -> Result<()>
     let ratio = g / h;
     let _ = writeln!(
         out,
-        "`Connection: close` (wrk, 64 connections, a new connection per request), {}          interleaved rounds of {} s; medians: hyper {h:.0} req/s, gem {g:.0} req/s,          gem/hyper = {ratio:.3}. Target ≥ 0.95: {}.\n",
+        "`Connection: close` (wrk, 64 connections, a new connection per request), {} \
+         interleaved rounds of {} s; medians: hyper {h:.0} req/s, gem {g:.0} req/s, \
+         gem/hyper = {ratio:.3}. Target ≥ 0.95: {}.\n",
         plan.rounds,
         plan.throughput.as_secs(),
         crate::verdict(ratio >= 0.95, || format!("short by {:.3}", 0.95 - ratio))

@@ -48,11 +48,11 @@ const NOTES: &str = "## Reading the misses
   time (the loopback wake-ups of wrk's threads, which follow the different write
   timing), a fifth malloc/free, a sixth the per-request header-read timer that guards
   against slowloris (hyper's ceiling arms none), and the rest header conversion and
-  validation and the plugin call itself. Counted with a uprobe on `malloc` (exact, so
-  free of the noise): hyper makes 2.0 allocations a request, gem 19.4: hyper's own 2,
-  1 for the header-read timer, 9 in gem copying the request and response across the C
-  ABI and into hyper's types, and 7 inside the plugin building its request view and
-  its response.
+  validation and the plugin call itself. Since plugin ABI 2 (scenario 13 counts every
+  allocation exactly): hyper makes 4.0 allocations a request, gem 5.0: the same 4
+  (the response's header map, 2, and hyper's request parsing, 2) plus 1 for the
+  header-read timer; the request and response cross the ABI without any (before ABI 2:
+  19.4, 16 of them copying across the ABI and inside the plugin).
 - **Restart latency.** nginx reloads by forking its master (no exec, no config parse,
   no dlopen); gem starts a fresh process, as the Go original did. From gem's own log
   timestamps over 15 restarts: 1.0-1.5 ms from the signal until the new process has
