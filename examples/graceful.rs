@@ -24,7 +24,7 @@ fn new_handler(req: &Request<'_>) -> Response {
 }
 
 /// `/sleep?ms=N` holds the request for N ms, to watch a drain wait for it.
-fn reply(req: &Request<'_>, text: &str) -> Response {
+fn reply(req: &Request<'_>, text: &'static str) -> Response {
     if req.path() == "/sleep" {
         let ms = req
             .query_param("ms")

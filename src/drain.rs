@@ -2,11 +2,15 @@
 //! accepting, close idle connections after a grace, wait for in-flight requests, cut the
 //! rest at `wait_timeout`.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use futures_util::task::AtomicWaker;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -21,13 +25,20 @@ pub struct DrainSignal {
 #[derive(Debug)]
 struct Inner {
     /// Flips to `true` once: from then on responses carry `Connection: close`.
-    draining: watch::Sender<bool>,
+    draining: AtomicBool,
+    /// Who waits for the drain to begin ([`Draining`]): one waker per waiting future,
+    /// registered once, so that polling it again (every time its connection task
+    /// wakes) touches no lock or line shared with other connections.
+    waiters: Mutex<HashMap<u64, Arc<AtomicWaker>>>,
+    next_waiter: AtomicU64,
     /// Cancelled to stop every accept loop.
     stop_accepting: CancellationToken,
     /// Cancelled at `wait_timeout` to cut the connections still open.
     cut: CancellationToken,
-    /// Requests currently inside the handler or having their body read.
-    in_flight: AtomicUsize,
+    /// Requests currently inside the handler or having their body read (or streaming
+    /// their response), in shards: each thread counts on its own cache line, so the
+    /// serving threads never write the same one. Only the sum means anything.
+    in_flight: [Shard; SHARDS],
     /// The open client connections' sockets: their count, and for the cut.
     sockets: OpenSockets,
     /// How long an idle keep-alive connection may linger once draining.
@@ -50,15 +61,96 @@ pub enum DrainOutcome {
 /// shut down under them.
 const CUT_GRACE: Duration = Duration::from_millis(100);
 
+/// Resolves once the drain begins: [`DrainSignal::draining`]. Cheap to poll again and
+/// again (a connection task polls it whenever it wakes): after the first poll it only
+/// touches a waker of its own.
+#[derive(Debug)]
+pub struct Draining<'a> {
+    inner: &'a Inner,
+    registered: Option<(u64, Arc<AtomicWaker>)>,
+}
+
+impl Future for Draining<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if this.inner.draining.load(Ordering::SeqCst) {
+            return Poll::Ready(());
+        }
+        match &this.registered {
+            Some((_, waker)) => waker.register(cx.waker()),
+            None => {
+                let waker = Arc::new(AtomicWaker::new());
+                waker.register(cx.waker());
+                let id = this.inner.next_waiter.fetch_add(1, Ordering::Relaxed);
+                let mut waiters = this.inner.waiters.lock().unwrap_or_else(|e| e.into_inner());
+                waiters.insert(id, waker.clone());
+                drop(waiters);
+                this.registered = Some((id, waker));
+            }
+        }
+        // `begin` sets the flag before it wakes the registered: seen now, or woken.
+        match this.inner.draining.load(Ordering::SeqCst) {
+            true => Poll::Ready(()),
+            false => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for Draining<'_> {
+    fn drop(&mut self) {
+        if let Some((id, _)) = self.registered.take() {
+            let mut waiters = self.inner.waiters.lock().unwrap_or_else(|e| e.into_inner());
+            waiters.remove(&id);
+        }
+    }
+}
+
+/// Shards of the in-flight count.
+const SHARDS: usize = 16;
+
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Shard(AtomicIsize);
+
+/// This thread's shard.
+fn shard() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    SHARD.with(|s| *s)
+}
+
 /// Counts a request as in flight for as long as it lives.
 #[derive(Debug)]
 pub struct Counted {
     inner: Arc<Inner>,
+    shard: usize,
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.inner.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.inner.in_flight[self.shard]
+            .0
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts a request as in flight for as long as it lives, borrowing the signal (no
+/// reference count to touch).
+#[derive(Debug)]
+pub struct CountedRef<'a> {
+    inner: &'a Inner,
+    shard: usize,
+}
+
+impl Drop for CountedRef<'_> {
+    fn drop(&mut self) {
+        self.inner.in_flight[self.shard]
+            .0
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -67,10 +159,12 @@ impl DrainSignal {
     pub fn new(idle_grace: Duration) -> Self {
         DrainSignal {
             inner: Arc::new(Inner {
-                draining: watch::Sender::new(false),
+                draining: AtomicBool::new(false),
+                waiters: Mutex::default(),
+                next_waiter: AtomicU64::new(0),
                 stop_accepting: CancellationToken::new(),
                 cut: CancellationToken::new(),
-                in_flight: AtomicUsize::new(0),
+                in_flight: Default::default(),
                 sockets: OpenSockets::default(),
                 idle_grace,
             }),
@@ -80,19 +174,24 @@ impl DrainSignal {
     /// Starts the drain: accept loops stop, responses get `Connection: close`.
     pub fn begin(&self) {
         self.inner.stop_accepting.cancel();
-        self.inner.draining.send_replace(true);
+        self.inner.draining.store(true, Ordering::SeqCst);
+        let waiters = self.inner.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        for waker in waiters.values() {
+            waker.wake();
+        }
     }
 
     /// Whether the drain has begun.
     pub fn is_draining(&self) -> bool {
-        *self.inner.draining.borrow()
+        self.inner.draining.load(Ordering::SeqCst)
     }
 
     /// Resolves once the drain begins.
-    pub async fn draining(&self) {
-        let mut rx = self.inner.draining.subscribe();
-        // The sender lives in `self`, so `wait_for` cannot fail.
-        let _ = rx.wait_for(|d| *d).await;
+    pub fn draining(&self) -> Draining<'_> {
+        Draining {
+            inner: &self.inner,
+            registered: None,
+        }
     }
 
     /// Resolves once accept loops must stop.
@@ -112,9 +211,25 @@ impl DrainSignal {
 
     /// Marks one request as in flight until the guard drops.
     pub fn request(&self) -> Counted {
-        self.inner.in_flight.fetch_add(1, Ordering::Relaxed);
+        let shard = shard();
+        self.inner.in_flight[shard]
+            .0
+            .fetch_add(1, Ordering::Relaxed);
         Counted {
             inner: self.inner.clone(),
+            shard,
+        }
+    }
+
+    /// Marks one request as in flight until the guard drops; the guard borrows.
+    pub fn request_ref(&self) -> CountedRef<'_> {
+        let shard = shard();
+        self.inner.in_flight[shard]
+            .0
+            .fetch_add(1, Ordering::Relaxed);
+        CountedRef {
+            inner: &self.inner,
+            shard,
         }
     }
 
@@ -126,7 +241,13 @@ impl DrainSignal {
 
     /// Requests in flight right now.
     pub fn in_flight(&self) -> usize {
-        self.inner.in_flight.load(Ordering::Relaxed)
+        let sum: isize = self
+            .inner
+            .in_flight
+            .iter()
+            .map(|s| s.0.load(Ordering::Relaxed))
+            .sum();
+        usize::try_from(sum).unwrap_or(0)
     }
 
     /// Connections open right now.
@@ -217,10 +338,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn draining_wakes_every_waiter_and_forgets_dropped_ones() {
+        let drain = DrainSignal::new(Duration::ZERO);
+        let mut waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let drain = drain.clone();
+                tokio::spawn(async move { drain.draining().await })
+            })
+            .collect();
+        let mut gone = Box::pin(drain.draining());
+        assert!(futures_util::poll!(gone.as_mut()).is_pending());
+        assert!(futures_util::poll!(gone.as_mut()).is_pending());
+        drop(gone);
+        tokio::task::yield_now().await;
+        for w in &mut waiters {
+            assert!(futures_util::poll!(w).is_pending());
+        }
+        drain.begin();
+        for w in waiters {
+            tokio::time::timeout(Duration::from_secs(5), w)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        assert_eq!(drain.inner.waiters.lock().unwrap().len(), 0);
+        drain.draining().await;
+    }
+
+    #[tokio::test]
     async fn in_flight_guard_counts() {
         let drain = DrainSignal::new(Duration::ZERO);
         let a = drain.request();
-        let b = drain.request();
+        let b = drain.request_ref();
+        let moved = std::thread::spawn({
+            let drain = drain.clone();
+            move || drain.request()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(drain.in_flight(), 3);
+        drop(moved);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await

@@ -1,9 +1,10 @@
 //! The request-handler seam: what the server calls for each request, whether the handler
 //! is an in-process function or a loaded plugin.
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
-
-pub use gem_plugin::{Request, Response};
+pub use crate::plugin::Exchange;
+pub use gem_plugin::{
+    Body, BodyReader, BodyWriter, Request, Response, Scheme, Text, Version, Wait,
+};
 
 /// Why a handler produced no usable response. The server answers 500 and logs it.
 #[derive(Debug, thiserror::Error)]
@@ -35,8 +36,15 @@ pub struct HandlerInfo {
 /// or, for a handler that [`runs_inline`](Handler::runs_inline), possibly right on the
 /// runtime worker thread that read the request.
 pub trait Handler: Send + Sync + 'static {
-    /// Answers one request. Must not unwind.
-    fn handle(&self, req: &Request<'_>) -> Result<Response, HandlerError>;
+    /// Answers one request: reads it from `exchange` and writes the response into it
+    /// (plugin ABI 2, which in-process handlers use too). Must not unwind.
+    fn handle(&self, exchange: &mut Exchange<'_>);
+
+    /// Asked, before the body is read, for a request that has one: whether the
+    /// handler reads it in chunks (no `max_body_size`) instead of whole.
+    fn streams_body(&self, _exchange: &mut Exchange<'_>) -> bool {
+        false
+    }
 
     /// Whether a call may run right on a runtime worker thread (one free worker is
     /// always kept, and a watchdog keeps I/O going behind a slow call). That saves two
@@ -90,9 +98,8 @@ impl<F> Handler for FnHandler<F>
 where
     F: Fn(&Request<'_>) -> Response + Send + Sync + 'static,
 {
-    fn handle(&self, req: &Request<'_>) -> Result<Response, HandlerError> {
-        catch_unwind(AssertUnwindSafe(|| (self.f)(req)))
-            .map_err(|payload| HandlerError::Panicked(panic_message(payload.as_ref())))
+    fn handle(&self, exchange: &mut Exchange<'_>) {
+        exchange.respond_with(&self.f);
     }
 
     fn info(&self) -> HandlerInfo {
@@ -101,16 +108,5 @@ where
             version: "in-process".into(),
             ..HandlerInfo::default()
         }
-    }
-}
-
-/// The text of a panic payload, for the log line.
-pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".to_owned()
     }
 }

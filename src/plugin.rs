@@ -1,20 +1,33 @@
 //! Loads a handler `.so`: reads a private copy into a sealed memfd, dlopens that, checks
 //! the ABI handshake before touching anything else (refusing a plugin whose panics
-//! would abort instead of unwind), and calls the plugin panic-safely.
+//! would abort instead of unwind), and calls the plugin panic-safely through ABI 2:
+//! the request lent as views ([`Exchange`]), the response written through the host's
+//! callbacks, a streamed body run on a thread of its own.
 #![allow(unsafe_code)]
 
+use std::ffi::c_void;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use bytes::Bytes;
 use gem_plugin::abi::{
-    ABI_VERSION, ABI_VERSION_SYMBOL, ENTRY_SYMBOL, PANIC_ABORT, PANIC_UNWIND, PluginDescriptor,
-    RawHeader, RawRequest, RawResponse, RawStr,
+    ABI_VERSION, ABI_VERSION_SYMBOL, ENTRY_SYMBOL, FLAG_STATIC, HostApi, IO_ERROR, PANIC_ABORT,
+    PANIC_UNWIND, PluginDescriptor, READ_CHUNK, READ_END, RawAddr, RawHeader, RawProducer,
+    RawRequest, RawSink, RawStr, SCHEME_HTTP, SCHEME_HTTPS, WAIT_DRAINING, WAIT_ELAPSED, WAIT_GONE,
 };
+use http::header::{HeaderName, HeaderValue};
+use http::{Response as HttpResponse, StatusCode, Version};
+use hyper::body::Incoming;
 use libloading::Library;
 use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tracing::warn;
 
+use crate::drain::{Counted, DrainSignal};
 use crate::handler::{Handler, HandlerError, HandlerInfo, Request, Response};
+use crate::respond::{Body, StreamCut};
+use crate::server::{ConnFacts, Scheme};
 
 /// Why a plugin could not be loaded. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +64,7 @@ pub enum PluginError {
     },
     /// Built for another plugin ABI.
     #[error(
-        "plugin {} was built for gem plugin ABI {plugin}, but this gem speaks ABI {host}; rebuild it against gem-plugin {host}.x",
+        "plugin {} was built for gem plugin ABI {plugin}, but this gem speaks ABI {host}; rebuild it against this gem's gem-plugin",
         path.display()
     )]
     AbiMismatch {
@@ -277,13 +290,13 @@ fn handshake(
             host: ABI_VERSION,
         });
     }
-    // SAFETY: a plugin of ABI 1 exports the entry point with this signature.
+    // SAFETY: a plugin of this ABI exports the entry point with this signature.
     let entry =
         unsafe { library.get::<unsafe extern "C" fn() -> *const PluginDescriptor>(ENTRY_SYMBOL) }
             .map_err(|_| bad(&format!("the `{ENTRY_SYMBOL}` symbol is missing")))?;
     // SAFETY: as above; the entry point only returns a pointer to a static.
     let descriptor = unsafe { entry() };
-    // SAFETY: the entry point of an ABI 1 library returns null or a static of the
+    // SAFETY: the entry point of a library of this ABI returns null or a static of the
     // never-unloaded library.
     unsafe { check_descriptor(path, descriptor) }
 }
@@ -335,37 +348,17 @@ unsafe fn check_descriptor(
 }
 
 impl Handler for LoadedPlugin {
-    fn handle(&self, req: &Request<'_>) -> Result<Response, HandlerError> {
-        let headers: Vec<RawHeader> = req
-            .headers()
-            .iter()
-            .map(|(n, v)| RawHeader {
-                name: RawStr::from_bytes(n.as_bytes()),
-                value: RawStr::from_bytes(v),
-            })
-            .collect();
-        let raw = RawRequest {
-            method: RawStr::from_bytes(req.method().as_bytes()),
-            target: RawStr::from_bytes(req.target().as_bytes()),
-            headers: headers.as_ptr(),
-            headers_len: headers.len(),
-            body: RawStr::from_bytes(req.body()),
-        };
-        let mut resp = RawResponse {
-            status: 0,
-            headers: std::ptr::null(),
-            headers_len: 0,
-            body: RawStr::EMPTY,
-            error: RawStr::EMPTY,
-            owner: std::ptr::null_mut(),
-        };
-        // SAFETY: `raw` and everything it borrows outlive the call; `resp` is writable.
-        // The SDK catches panics, so nothing unwinds across the boundary.
-        unsafe { (self.descriptor.handle)(&raw, &mut resp) };
-        let result = copy_response(&resp);
-        // SAFETY: `resp` was filled by this plugin's `handle` and is freed once.
-        unsafe { (self.descriptor.free_response)(&mut resp) };
-        result
+    fn handle(&self, exchange: &mut Exchange<'_>) {
+        let handle = self.descriptor.handle;
+        // SAFETY: `raw` and everything it borrows outlive the call, and its callbacks
+        // are this host's; the SDK catches panics, so nothing unwinds across.
+        exchange.with_raw(false, |raw| unsafe { handle(raw) });
+    }
+
+    fn streams_body(&self, exchange: &mut Exchange<'_>) -> bool {
+        let streams_body = self.descriptor.streams_body;
+        // SAFETY: as in `handle`.
+        exchange.with_raw(true, |raw| unsafe { streams_body(raw) })
     }
 
     /// A plugin cannot reach gem's runtime (its own copy of any crate has its own
@@ -393,38 +386,417 @@ impl Handler for LoadedPlugin {
     }
 }
 
-/// Copies a plugin's response into host-owned memory. The plugin keeps everything `resp`
-/// points to alive until `free_response`, which the caller runs only after this returns.
-fn copy_response(resp: &RawResponse) -> Result<Response, HandlerError> {
-    if resp.status == 0 {
-        // SAFETY: alive until `free_response`, as above.
-        let message = unsafe { resp.error.as_bytes() };
-        return Err(HandlerError::Panicked(
-            String::from_utf8_lossy(message).into_owned(),
-        ));
+/// Headers lent to a handler from an array on the stack, up to this many (more take
+/// one allocation).
+const STACK_HEADERS: usize = 32;
+
+/// The request body a handler gets.
+#[derive(Debug)]
+pub(crate) enum BodyIn {
+    /// Read whole by the host (possibly empty).
+    Whole(Bytes),
+    /// Read by the handler chunk by chunk, as the client sends it.
+    Chunks(Incoming),
+}
+
+/// One request on its way through a handler: the request lent as views into hyper's
+/// parsed head and the host's body, and the response the handler writes through the
+/// host's callbacks (ABI 2, also for in-process handlers). Opaque outside gem.
+#[derive(Debug)]
+pub struct Exchange<'a> {
+    head: &'a http::request::Parts,
+    facts: ConnFacts,
+    id: u64,
+    state: State,
+}
+
+/// What the host's callbacks read and write: `RawRequest::ctx` points here.
+#[derive(Debug)]
+struct State {
+    response: HttpResponse<Body>,
+    producer: Option<Producer>,
+    error: Option<HandlerError>,
+    /// The whole body, lent as `RawRequest::body` and once through `read_body`.
+    whole: Bytes,
+    whole_read: bool,
+    /// The body the handler reads in chunks, and the chunk lent last.
+    chunks: Option<Incoming>,
+    chunk: Bytes,
+}
+
+/// A handler's stream producer, owned by the host until it runs or is dropped.
+#[derive(Debug)]
+pub(crate) struct Producer(RawProducer);
+
+// SAFETY: the ABI requires a producer's state to be movable to any thread (the SDK
+// only accepts `Send` producers), and `run`/`drop` to be callable from any thread.
+unsafe impl Send for Producer {}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        if !self.0.state.is_null() {
+            // SAFETY: the producer never ran (`run` nulls `state`), so it is dropped once.
+            unsafe { (self.0.drop)(self.0.state) };
+        }
     }
-    let raw_headers = match resp.headers.is_null() {
-        true => &[][..],
-        // SAFETY: `headers_len` headers at `headers`, alive as above.
-        false => unsafe { std::slice::from_raw_parts(resp.headers, resp.headers_len) },
-    };
-    let text = |bytes: &[u8]| {
-        String::from_utf8(bytes.to_vec())
-            .map_err(|_| HandlerError::Invalid("a header is not UTF-8".into()))
-    };
-    let mut headers = Vec::with_capacity(raw_headers.len());
-    for h in raw_headers {
-        // SAFETY: header strings are alive as above.
-        let (name, value) = unsafe { (h.name.as_bytes(), h.value.as_bytes()) };
-        headers.push((text(name)?, text(value)?));
+}
+
+impl<'a> Exchange<'a> {
+    /// A request for a handler: `head` from hyper, the connection's `facts`, its `id`.
+    pub(crate) fn new(
+        head: &'a http::request::Parts,
+        facts: ConnFacts,
+        id: u64,
+        body: BodyIn,
+    ) -> Self {
+        let (whole, chunks) = match body {
+            BodyIn::Whole(bytes) => (bytes, None),
+            BodyIn::Chunks(incoming) => (Bytes::new(), Some(incoming)),
+        };
+        Exchange {
+            head,
+            facts,
+            id,
+            state: State {
+                response: HttpResponse::new(Body::empty()),
+                producer: None,
+                error: None,
+                whole,
+                whole_read: false,
+                chunks,
+                chunk: Bytes::new(),
+            },
+        }
     }
-    // SAFETY: alive as above.
-    let body = unsafe { resp.body.as_bytes() }.to_vec();
-    Ok(Response {
-        status: resp.status,
-        headers,
-        body,
+
+    /// Answers with `f` (an in-process handler), through the same SDK glue and host
+    /// callbacks as a plugin.
+    pub(crate) fn respond_with(&mut self, f: impl FnOnce(&Request<'_>) -> Response) {
+        // SAFETY: `raw` is valid for the call, with this host's callbacks.
+        self.with_raw(false, |raw| unsafe {
+            gem_plugin::__export::serve(raw, |req| Ok(f(req)));
+        });
+    }
+
+    /// The handler's answer: the response (its body empty or whole) and a stream
+    /// producer to run for its body, or why there is none.
+    pub(crate) fn finish(self) -> Result<(HttpResponse<Body>, Option<Producer>), HandlerError> {
+        match self.state.error {
+            Some(err) => Err(err),
+            None => Ok((self.state.response, self.state.producer)),
+        }
+    }
+
+    /// Calls `f` with the ABI view of this request. `head_only`: for `streams_body`,
+    /// before the body is read.
+    fn with_raw<R>(&mut self, head_only: bool, f: impl FnOnce(&RawRequest) -> R) -> R {
+        let view = |(name, value): (&HeaderName, &HeaderValue)| RawHeader {
+            name: RawStr::from_bytes(name.as_str().as_bytes()),
+            value: RawStr::from_bytes(value.as_bytes()),
+        };
+        let headers = &self.head.headers;
+        let mut stack = [RawHeader::EMPTY; STACK_HEADERS];
+        let heap: Vec<RawHeader>;
+        let lent: &[RawHeader] = if headers.len() <= STACK_HEADERS {
+            for (slot, header) in stack.iter_mut().zip(headers) {
+                *slot = view(header);
+            }
+            &stack[..headers.len()]
+        } else {
+            heap = headers.iter().map(view).collect();
+            &heap
+        };
+        let target = self.head.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let state = &mut self.state;
+        let raw = RawRequest {
+            method: RawStr::from_bytes(self.head.method.as_str().as_bytes()),
+            target: RawStr::from_bytes(target.as_bytes()),
+            headers: lent.as_ptr(),
+            headers_len: lent.len(),
+            body: match head_only {
+                true => RawStr::EMPTY,
+                false => RawStr::from_bytes(&state.whole),
+            },
+            version: version_number(self.head.version),
+            scheme: match self.facts.scheme {
+                Scheme::Http => SCHEME_HTTP,
+                Scheme::Https => SCHEME_HTTPS,
+            },
+            peer: RawAddr::from(self.facts.peer),
+            local: RawAddr::from(self.facts.local),
+            request_id: self.id,
+            body_streamed: u32::from(state.chunks.is_some()),
+            host: &HOST,
+            ctx: std::ptr::from_mut(state).cast::<c_void>(),
+        };
+        f(&raw)
+    }
+}
+
+fn version_number(version: Version) -> u32 {
+    match version {
+        Version::HTTP_09 => 9,
+        Version::HTTP_10 => 10,
+        Version::HTTP_2 => 20,
+        Version::HTTP_3 => 30,
+        _ => 11,
+    }
+}
+
+/// This host's callbacks (see `gem_plugin::abi::HostApi`).
+static HOST: HostApi = HostApi {
+    struct_size: size_of::<HostApi>() as u32,
+    set_status: host_set_status,
+    add_header: host_add_header,
+    set_body: host_set_body,
+    set_body_stream: host_set_body_stream,
+    read_body: host_read_body,
+    fail: host_fail,
+};
+
+/// The request's state behind a callback's `ctx`.
+///
+/// # Safety
+///
+/// `ctx` is the `RawRequest::ctx` of a call in progress on this thread.
+unsafe fn state<'s>(ctx: *mut c_void) -> &'s mut State {
+    // SAFETY: the caller's contract: `with_raw` made it from a `&mut State` that
+    // outlives the call, and nothing else touches it meanwhile.
+    unsafe { &mut *ctx.cast::<State>() }
+}
+
+/// Bytes the handler passed, copied, or kept by pointer when static.
+///
+/// # Safety
+///
+/// `s` is valid now; with [`FLAG_STATIC`], for the life of the process.
+unsafe fn bytes_of(s: RawStr, flags: u32) -> Bytes {
+    if flags & FLAG_STATIC != 0 {
+        // SAFETY: the caller's contract: static data of a never-unloaded library.
+        let bytes: &'static [u8] = unsafe { s.as_bytes() };
+        Bytes::from_static(bytes)
+    } else {
+        // SAFETY: valid now; copied before the callback returns.
+        Bytes::copy_from_slice(unsafe { s.as_bytes() })
+    }
+}
+
+impl State {
+    fn invalid(&mut self, why: String) {
+        self.error.get_or_insert(HandlerError::Invalid(why));
+    }
+}
+
+unsafe extern "C" fn host_set_status(ctx: *mut c_void, status: u16) {
+    // SAFETY: called by a handler during its call (the ABI's contract).
+    let state = unsafe { state(ctx) };
+    match StatusCode::from_u16(status) {
+        Ok(status) => *state.response.status_mut() = status,
+        Err(_) => state.invalid(format!("status {status} is not valid")),
+    }
+}
+
+unsafe extern "C" fn host_add_header(ctx: *mut c_void, name: RawStr, value: RawStr, flags: u32) {
+    // SAFETY: as in `host_set_status`.
+    let state = unsafe { state(ctx) };
+    // SAFETY: valid for the call.
+    let name_bytes = unsafe { name.as_bytes() };
+    let Ok(name) = HeaderName::from_bytes(name_bytes) else {
+        let name = String::from_utf8_lossy(name_bytes);
+        return state.invalid(format!("header name {name:?} is not valid"));
+    };
+    // SAFETY: the ABI's contract for the value and its flags.
+    let bytes = unsafe { bytes_of(value, flags) };
+    match HeaderValue::from_maybe_shared(bytes) {
+        Ok(value) => {
+            state.response.headers_mut().append(name, value);
+        }
+        Err(_) => {
+            // SAFETY: valid for the call.
+            let value = String::from_utf8_lossy(unsafe { value.as_bytes() });
+            state.invalid(format!("header {name:?} has an invalid value {value:?}"));
+        }
+    }
+}
+
+unsafe extern "C" fn host_set_body(ctx: *mut c_void, body: RawStr, flags: u32) {
+    // SAFETY: as in `host_set_status`.
+    let state = unsafe { state(ctx) };
+    // SAFETY: the ABI's contract for the bytes and their flags.
+    *state.response.body_mut() = Body::full(unsafe { bytes_of(body, flags) });
+    state.producer = None;
+}
+
+unsafe extern "C" fn host_set_body_stream(ctx: *mut c_void, producer: RawProducer) {
+    // SAFETY: as in `host_set_status`.
+    let state = unsafe { state(ctx) };
+    *state.response.body_mut() = Body::empty();
+    state.producer = Some(Producer(producer));
+}
+
+unsafe extern "C" fn host_read_body(ctx: *mut c_void, out: *mut RawStr) -> i32 {
+    // SAFETY: as in `host_set_status`.
+    let state = unsafe { state(ctx) };
+    let Some(incoming) = state.chunks.as_mut() else {
+        if state.whole_read || state.whole.is_empty() {
+            return READ_END;
+        }
+        state.whole_read = true;
+        // SAFETY: `out` is writable; the whole body lives until the call ends.
+        unsafe { out.write(RawStr::from_bytes(&state.whole)) };
+        return READ_CHUNK;
+    };
+    // A handler that reads its body in chunks runs on the blocking pool (a request
+    // with a body never runs inline), where blocking on the runtime is allowed.
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return IO_ERROR;
+    };
+    loop {
+        match runtime.block_on(http_body_util::BodyExt::frame(incoming)) {
+            None => return READ_END,
+            Some(Err(_)) => return IO_ERROR,
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else {
+                    continue; // trailers
+                };
+                if data.is_empty() {
+                    continue;
+                }
+                state.chunk = data;
+                // SAFETY: `out` is writable; the chunk lives until the next read.
+                unsafe { out.write(RawStr::from_bytes(&state.chunk)) };
+                return READ_CHUNK;
+            }
+        }
+    }
+}
+
+unsafe extern "C" fn host_fail(ctx: *mut c_void, message: RawStr) {
+    // SAFETY: as in `host_set_status`.
+    let state = unsafe { state(ctx) };
+    // SAFETY: valid for the call.
+    let message = String::from_utf8_lossy(unsafe { message.as_bytes() }).into_owned();
+    state.error = Some(HandlerError::Panicked(message));
+}
+
+/// How many chunks a stream may have ready beyond the one being written: with the
+/// producer's own buffer, this bounds a stream's memory whatever the client's speed.
+const STREAM_CHUNKS: usize = 1;
+
+/// Starts `producer` on a thread of its own and returns the body that carries what it
+/// writes. The body counts as a request in flight (`in_flight`) until it ends. A
+/// producer that fails is logged with `what` (the method and target).
+pub(crate) fn start_stream(
+    producer: Producer,
+    drain: DrainSignal,
+    in_flight: Counted,
+    what: String,
+) -> Body {
+    let (tx, rx) = mpsc::channel(STREAM_CHUNKS);
+    let runtime = tokio::runtime::Handle::current();
+    let sink = SinkState {
+        tx,
+        drain,
+        runtime,
+        what,
+    };
+    let spawned = std::thread::Builder::new()
+        .name("gem-stream".into())
+        .spawn(move || sink.run(producer));
+    if let Err(err) = spawned {
+        warn!(
+            "[{}] no thread for a streamed body: {err}; the stream is cut",
+            std::process::id()
+        );
+        let (tx, rx) = mpsc::channel(1);
+        let _ = tx.try_send(Err(StreamCut));
+        return Body::stream(rx, in_flight);
+    }
+    Body::stream(rx, in_flight)
+}
+
+/// What a running producer writes to: `RawSink::ctx` points here.
+struct SinkState {
+    tx: mpsc::Sender<Result<Bytes, StreamCut>>,
+    drain: DrainSignal,
+    runtime: tokio::runtime::Handle,
+    what: String,
+}
+
+impl SinkState {
+    fn run(self, mut producer: Producer) {
+        // In-process producers may use the runtime (`Handle::current`).
+        let _context = self.runtime.enter();
+        let state = std::mem::replace(&mut producer.0.state, std::ptr::null_mut());
+        let run = producer.0.run;
+        let sink = RawSink {
+            ctx: std::ptr::from_ref(&self).cast_mut().cast::<c_void>(),
+            write: sink_write,
+            is_draining: sink_is_draining,
+            wait: sink_wait,
+            fail: sink_fail,
+        };
+        // SAFETY: the producer runs once (its state was taken above, so `Drop` will
+        // not free it too), with a sink valid for the call; the SDK catches panics.
+        unsafe { run(state, &sink) };
+    }
+}
+
+/// # Safety
+///
+/// `ctx` is a `RawSink::ctx` made by [`SinkState::run`], during the run.
+unsafe fn sink<'s>(ctx: *mut c_void) -> &'s SinkState {
+    // SAFETY: the caller's contract.
+    unsafe { &*ctx.cast::<SinkState>() }
+}
+
+unsafe extern "C" fn sink_write(ctx: *mut c_void, chunk: RawStr) -> i32 {
+    // SAFETY: called by the producer during its run.
+    let sink = unsafe { sink(ctx) };
+    // SAFETY: valid for the call; copied here.
+    let bytes = Bytes::copy_from_slice(unsafe { chunk.as_bytes() });
+    match sink.tx.blocking_send(Ok(bytes)) {
+        Ok(()) => 0,
+        Err(_) => IO_ERROR,
+    }
+}
+
+unsafe extern "C" fn sink_is_draining(ctx: *mut c_void) -> bool {
+    // SAFETY: as in `sink_write`.
+    unsafe { sink(ctx) }.drain.is_draining()
+}
+
+unsafe extern "C" fn sink_wait(ctx: *mut c_void, timeout_ms: u64) -> i32 {
+    // SAFETY: as in `sink_write`.
+    let sink = unsafe { sink(ctx) };
+    if sink.tx.is_closed() {
+        return WAIT_GONE;
+    }
+    if sink.drain.is_draining() {
+        return WAIT_DRAINING;
+    }
+    let timeout = std::time::Duration::from_millis(timeout_ms);
+    sink.runtime.block_on(async {
+        tokio::select! {
+            biased;
+            () = sink.tx.closed() => WAIT_GONE,
+            () = sink.drain.draining() => WAIT_DRAINING,
+            () = tokio::time::sleep(timeout) => WAIT_ELAPSED,
+        }
     })
+}
+
+unsafe extern "C" fn sink_fail(ctx: *mut c_void, message: RawStr) {
+    // SAFETY: as in `sink_write`.
+    let sink = unsafe { sink(ctx) };
+    // SAFETY: valid for the call.
+    let message = String::from_utf8_lossy(unsafe { message.as_bytes() });
+    warn!(
+        "[{}] {}: {message}; the stream was cut",
+        std::process::id(),
+        sink.what
+    );
+    let _ = sink.tx.blocking_send(Err(StreamCut));
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ fn built(name: &str) -> PathBuf {
                 "-p",
                 "upgraded",
                 "-p",
-                "abi-v2",
+                "abi-v1",
                 "-p",
                 "slow-init",
             ])
@@ -29,8 +29,44 @@ fn built(name: &str) -> PathBuf {
     target.join("debug").join(format!("lib{name}.so"))
 }
 
-fn get(plugin: &LoadedPlugin, target: &str) -> Result<Response, HandlerError> {
-    plugin.handle(&Request::new("GET", target, vec![("host", b"x")], b""))
+/// Status, headers and body bytes of an answer (a stream's body is not read).
+type Answer = (u16, http::HeaderMap, Bytes);
+
+fn facts() -> ConnFacts {
+    ConnFacts {
+        peer: "127.0.0.1:4000".parse().unwrap(),
+        local: "127.0.0.1:80".parse().unwrap(),
+        scheme: Scheme::Http,
+    }
+}
+
+/// Calls `handler` on one request, as `respond` does.
+fn call(
+    handler: &dyn Handler,
+    method: &str,
+    target: &str,
+    body: &'static [u8],
+) -> Result<(Answer, Option<Producer>), HandlerError> {
+    let (parts, ()) = http::Request::builder()
+        .method(method)
+        .uri(target)
+        .header("host", "x")
+        .body(())
+        .unwrap()
+        .into_parts();
+    let mut exchange = Exchange::new(&parts, facts(), 1, BodyIn::Whole(Bytes::from_static(body)));
+    handler.handle(&mut exchange);
+    let (resp, producer) = exchange.finish()?;
+    let (head, body) = resp.into_parts();
+    let bytes = match body.0 {
+        crate::respond::Kind::Whole(b) => b.unwrap_or_default(),
+        crate::respond::Kind::Stream { .. } => Bytes::new(),
+    };
+    Ok(((head.status.as_u16(), head.headers, bytes), producer))
+}
+
+fn get(handler: &dyn Handler, target: &str) -> Result<Answer, HandlerError> {
+    call(handler, "GET", target, b"").map(|(answer, _)| answer)
 }
 
 #[test]
@@ -41,17 +77,50 @@ fn hello_answers_and_survives_its_own_panic() {
     assert_eq!(plugin.wait_for_sha256().map(|s| s.len()), Some(64));
     assert_eq!(plugin.info().sha256, plugin.wait_for_sha256());
     assert!(plugin.has_signal_hook());
-    assert_eq!(get(&plugin, "/").unwrap().body, b"Hello world.");
+    assert_eq!(get(&plugin, "/").unwrap().2, "Hello world.");
     let err = get(&plugin, "/panic").unwrap_err();
     assert!(
         matches!(&err, HandlerError::Panicked(m) if m.contains("on purpose")),
         "{err}"
     );
-    assert_eq!(get(&plugin, "/").unwrap().status, 200);
-    let echo = plugin
-        .handle(&Request::new("POST", "/echo", Vec::new(), b"ping"))
-        .unwrap();
-    assert_eq!(echo.body, b"ping");
+    assert_eq!(get(&plugin, "/").unwrap().0, 200);
+    let (echo, _) = call(&plugin, "POST", "/echo", b"ping").unwrap();
+    assert_eq!(echo.2, "ping");
+    let whoami = String::from_utf8(get(&plugin, "/whoami").unwrap().2.to_vec()).unwrap();
+    assert_eq!(
+        whoami,
+        "peer 127.0.0.1:4000\nlocal 127.0.0.1:80\nversion HTTP/1.1\nscheme http\n"
+    );
+    let (stream, producer) = call(&plugin, "GET", "/stream", b"").unwrap();
+    assert_eq!(stream.0, 200);
+    assert!(producer.is_some(), "a stream hands the host its producer");
+    // Dropped unrun: the plugin frees it.
+    drop(producer);
+}
+
+#[test]
+fn invalid_handler_output_is_refused() {
+    let bad = |f: fn(&Request<'_>) -> Response| {
+        let handler = crate::handler::FnHandler::new("t", f);
+        match get(&handler, "/") {
+            Err(HandlerError::Invalid(why)) => why,
+            other => panic!("{:?}", other.map(|a| a.0)),
+        }
+    };
+    assert!(bad(|_| Response::new(1000)).contains("1000"));
+    assert!(bad(|_| Response::new(200).with_header("bad name", "x")).contains("bad name"));
+    assert!(bad(|_| Response::new(200).with_header("x-a", "line\nbreak")).contains("x-a"));
+    let ok = crate::handler::FnHandler::new("t", |_: &Request<'_>| {
+        Response::text(201, "hi").with_header("x-a", String::from("1"))
+    });
+    let (status, headers, body) = get(&ok, "/").unwrap();
+    assert_eq!((status, body.as_ref()), (201, &b"hi"[..]));
+    assert_eq!(headers["x-a"], "1");
+    assert_eq!(headers["content-type"], "text/plain; charset=utf-8");
+    let panics = crate::handler::FnHandler::new("t", |_: &Request<'_>| -> Response {
+        panic!("in-process panic")
+    });
+    assert!(matches!(get(&panics, "/"), Err(HandlerError::Panicked(m)) if m == "in-process panic"));
 }
 
 #[test]
@@ -61,7 +130,7 @@ fn overwriting_the_file_in_place_does_not_touch_the_loaded_copy() {
     std::fs::copy(built("hello"), &so).unwrap();
     let plugin = LoadedPlugin::load(&so).unwrap();
     std::fs::write(&so, b"garbage over the same inode").unwrap();
-    assert_eq!(get(&plugin, "/").unwrap().body, b"Hello world.");
+    assert_eq!(get(&plugin, "/").unwrap().2, "Hello world.");
 }
 
 #[test]
@@ -82,17 +151,19 @@ fn bad_files_are_refused_by_name() {
         "{err}"
     );
 
-    let v2 = built("abi_v2");
+    let v2 = built("abi_v1");
     let err = LoadedPlugin::load(&v2).unwrap_err().to_string();
     assert!(err.contains(&v2.display().to_string()), "{err}");
-    assert!(err.contains("ABI 2, but this gem speaks ABI 1"), "{err}");
+    assert!(err.contains("ABI 1, but this gem speaks ABI 2"), "{err}");
 }
 
 unsafe extern "C" fn no_init() -> RawStr {
     unreachable!("a refused descriptor is never initialised")
 }
-unsafe extern "C" fn no_handle(_: *const RawRequest, _: *mut RawResponse) {}
-unsafe extern "C" fn no_free(_: *mut RawResponse) {}
+unsafe extern "C" fn no_handle(_: *const RawRequest) {}
+unsafe extern "C" fn no_streams(_: *const RawRequest) -> bool {
+    false
+}
 
 /// A descriptor as `export_plugin!` would make it, with the given panic strategy.
 const fn descriptor(panic_strategy: u32) -> PluginDescriptor {
@@ -103,7 +174,7 @@ const fn descriptor(panic_strategy: u32) -> PluginDescriptor {
         version: RawStr::from_bytes(b"0.0.0"),
         init: no_init,
         handle: no_handle,
-        free_response: no_free,
+        streams_body: no_streams,
         on_signal: None,
         panic_strategy,
     }
@@ -136,7 +207,7 @@ fn a_plugin_whose_panics_abort_is_refused_by_name() {
 
 #[test]
 fn a_plugin_built_against_the_old_sdk_is_told_to_rebuild() {
-    /// The descriptor of the SDK before `panic_strategy` existed.
+    /// A descriptor of the same ABI without `panic_strategy` (as the SDK had one).
     #[repr(C)]
     struct OldDescriptor {
         abi_version: u32,
@@ -144,8 +215,8 @@ fn a_plugin_built_against_the_old_sdk_is_told_to_rebuild() {
         name: RawStr,
         version: RawStr,
         init: unsafe extern "C" fn() -> RawStr,
-        handle: unsafe extern "C" fn(*const RawRequest, *mut RawResponse),
-        free_response: unsafe extern "C" fn(*mut RawResponse),
+        handle: unsafe extern "C" fn(*const RawRequest),
+        streams_body: unsafe extern "C" fn(*const RawRequest) -> bool,
         on_signal: Option<unsafe extern "C" fn(i32)>,
     }
     // SAFETY: only read through its two leading u32 fields, as the layout says.
@@ -157,7 +228,7 @@ fn a_plugin_built_against_the_old_sdk_is_told_to_rebuild() {
         version: RawStr::EMPTY,
         init: no_init,
         handle: no_handle,
-        free_response: no_free,
+        streams_body: no_streams,
         on_signal: None,
     };
     let path = Path::new("/x/old.so");

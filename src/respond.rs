@@ -1,22 +1,112 @@
 //! One request: its checks and limits, the handler call and the answer, with what the
 //! metrics and the access log are told of it.
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
-use http::header::{CONNECTION, CONTENT_LENGTH, HOST, HeaderName, HeaderValue};
+use http::header::{CONNECTION, CONTENT_LENGTH, HOST, HeaderValue};
 use http::{Request as HttpRequest, Response as HttpResponse, StatusCode, Version};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Body as _;
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming, SizeHint};
+use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::access_log::Entry;
-use crate::handler::{HandlerError, Request, Response};
+use crate::drain::Counted;
+use crate::plugin::{BodyIn, Exchange, start_stream};
 use crate::server::{ConnFacts, ServeContext};
 
-/// The body of every response gem sends.
-pub(crate) type Body = Full<Bytes>;
+/// The body of every response gem sends: bytes it holds whole, or a stream a handler's
+/// producer writes on a thread of its own.
+#[derive(Debug)]
+pub(crate) struct Body(pub(crate) Kind);
+
+#[derive(Debug)]
+pub(crate) enum Kind {
+    Whole(Option<Bytes>),
+    Stream {
+        rx: mpsc::Receiver<Result<Bytes, StreamCut>>,
+        /// The stream counts as a request in flight until it ends.
+        _in_flight: Counted,
+    },
+}
+
+/// A streamed body that ended early: its producer failed or panicked. hyper then ends
+/// the connection without the body's proper end, so the client sees the cut.
+#[derive(Debug, thiserror::Error)]
+#[error("the handler's stream was cut")]
+pub(crate) struct StreamCut;
+
+impl Body {
+    pub(crate) fn empty() -> Body {
+        Body(Kind::Whole(None))
+    }
+
+    pub(crate) fn full(bytes: Bytes) -> Body {
+        Body(Kind::Whole((!bytes.is_empty()).then_some(bytes)))
+    }
+
+    pub(crate) fn stream(rx: mpsc::Receiver<Result<Bytes, StreamCut>>, in_flight: Counted) -> Body {
+        Body(Kind::Stream {
+            rx,
+            _in_flight: in_flight,
+        })
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = StreamCut;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, StreamCut>>> {
+        match &mut self.get_mut().0 {
+            Kind::Whole(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Stream { rx, .. } => rx
+                .poll_recv(cx)
+                .map(|next| next.map(|chunk| chunk.map(Frame::data))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.0, Kind::Whole(None))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Kind::Whole(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            Kind::Stream { .. } => SizeHint::default(),
+        }
+    }
+}
+
+/// Numbers requests within this process, for handlers (and later the access log):
+/// unique, not consecutive. Each thread takes a block of numbers at a time, so the
+/// serving threads do not write one shared counter per request.
+fn next_request_id() -> u64 {
+    const BLOCK: u64 = 1 << 16;
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static MINE: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
+    }
+    MINE.with(|mine| {
+        let (mut next, mut end) = mine.get();
+        if next == end {
+            next = NEXT.fetch_add(BLOCK, Ordering::Relaxed);
+            end = next + BLOCK;
+        }
+        mine.set((next + 1, end));
+        next
+    })
+}
 
 /// The parts of a request the access log needs after the handler has taken it.
 struct Head {
@@ -33,7 +123,7 @@ pub(crate) async fn respond(
     facts: ConnFacts,
     ctx: ServeContext,
 ) -> Result<HttpResponse<Body>, std::convert::Infallible> {
-    let _in_flight = ctx.drain.request();
+    let _in_flight = ctx.drain.request_ref();
     // Timed only when someone is told.
     let observed = ctx.observers.metrics.is_some() || ctx.observers.access_log.is_some();
     let started = observed.then(Instant::now);
@@ -46,7 +136,7 @@ pub(crate) async fn respond(
         referer: req.headers().get(http::header::REFERER).cloned(),
         user_agent: req.headers().get(http::header::USER_AGENT).cloned(),
     });
-    let mut resp = match call_handler(req, &ctx).await {
+    let mut resp = match call_handler(req, facts, &ctx).await {
         Ok(resp) => resp,
         Err(resp) => resp,
     };
@@ -88,30 +178,41 @@ pub(crate) async fn respond(
 
 async fn call_handler(
     req: HttpRequest<Incoming>,
+    facts: ConnFacts,
     ctx: &ServeContext,
 ) -> Result<HttpResponse<Body>, HttpResponse<Body>> {
     if let Some(why) = host_problem(&req) {
         return Err(plain(StatusCode::BAD_REQUEST, why));
     }
+    let (parts, body) = req.into_parts();
+    let id = next_request_id();
+    let bodiless = body.is_end_stream();
+    // Only the handler knows whether it reads this body in chunks; it is asked on the
+    // head alone, before anything is read.
+    let chunked = !bodiless && {
+        let mut head = Exchange::new(&parts, facts, id, BodyIn::Whole(Bytes::new()));
+        ctx.handler.streams_body(&mut head)
+    };
     let max = ctx.limits.max_body_size;
-    let declared = req
-        .headers()
+    let declared = parts
+        .headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > max) {
+    if !chunked && declared.is_some_and(|len| len > max) {
         return Err(too_large());
     }
-    let (parts, body) = req.into_parts();
-    let bodiless = body.is_end_stream();
-    let body = if bodiless {
-        Bytes::new()
+    // A bodiless request's `Incoming` lives until the call is over (see `may_inline`).
+    let (body_in, _bodiless_incoming) = if chunked {
+        (BodyIn::Chunks(body), None)
+    } else if bodiless {
+        (BodyIn::Whole(Bytes::new()), Some(body))
     } else {
         match Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX))
             .collect()
             .await
         {
-            Ok(collected) => collected.to_bytes(),
+            Ok(collected) => (BodyIn::Whole(collected.to_bytes()), None),
             Err(err) if err.is::<LengthLimitError>() => return Err(too_large()),
             Err(err) => {
                 debug!(cause = %err, "failed to read the request body");
@@ -119,22 +220,31 @@ async fn call_handler(
             }
         }
     };
-    let handler = ctx.handler.clone();
-    let call = move || {
-        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let headers = parts
-            .headers
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_bytes()))
-            .collect();
-        let result = handler.handle(&Request::new(parts.method.as_str(), target, headers, &body));
-        (result, parts)
-    };
     // Reading a body may have woken the connection task onto this worker (HTTP/2 flow
-    // control); a handler run inline would hold it up, so only bodiless calls may. (The
-    // shadowed `Incoming` body lives until the call is over, for the same reason.)
-    let may_inline = bodiless && ctx.handler.runs_inline();
-    let outcome = ctx.runner.run(may_inline, call).await;
+    // control); a handler run inline would hold it up, so only bodiless calls may. A
+    // handler reading its body in chunks blocks on the runtime, which it may only do
+    // off the runtime's workers.
+    let inline = (bodiless && ctx.handler.runs_inline())
+        .then(|| {
+            ctx.runner.try_inline(|| {
+                let mut exchange = Exchange::new(&parts, facts, id, BodyIn::Whole(Bytes::new()));
+                ctx.handler.handle(&mut exchange);
+                exchange.finish()
+            })
+        })
+        .flatten();
+    let outcome = match inline {
+        Some(done) => done.map(|result| (result, parts)),
+        None => {
+            let handler = ctx.handler.clone();
+            let call = move || {
+                let mut exchange = Exchange::new(&parts, facts, id, body_in);
+                handler.handle(&mut exchange);
+                (exchange.finish(), parts)
+            };
+            ctx.runner.run(false, call).await
+        }
+    };
     let (result, parts) = match outcome {
         Ok(done) => done,
         Err(why) => {
@@ -145,15 +255,23 @@ async fn call_handler(
             return Err(internal_error());
         }
     };
-    result.and_then(to_http).map_err(|err| {
-        warn!(
-            "[{}] {} {}: {err}; answered 500",
-            std::process::id(),
-            parts.method,
-            parts.uri
-        );
-        internal_error()
-    })
+    match result {
+        Ok((resp, None)) => Ok(resp),
+        Ok((mut resp, Some(producer))) => {
+            let what = format!("{} {}", parts.method, parts.uri);
+            *resp.body_mut() = start_stream(producer, ctx.drain.clone(), ctx.drain.request(), what);
+            Ok(resp)
+        }
+        Err(err) => {
+            warn!(
+                "[{}] {} {}: {err}; answered 500",
+                std::process::id(),
+                parts.method,
+                parts.uri
+            );
+            Err(internal_error())
+        }
+    }
 }
 
 /// RFC 9112 §3.2: an HTTP/1.1 request must name its host exactly once (HTTP/1.0 may
@@ -174,25 +292,6 @@ fn internal_error() -> HttpResponse<Body> {
     plain(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n")
 }
 
-/// Validates a handler's response and converts it for hyper.
-fn to_http(resp: Response) -> Result<HttpResponse<Body>, HandlerError> {
-    let status = StatusCode::from_u16(resp.status)
-        .map_err(|_| HandlerError::Invalid(format!("status {} is not valid", resp.status)))?;
-    let mut out = HttpResponse::new(Full::new(Bytes::from(resp.body)));
-    *out.status_mut() = status;
-    let headers = out.headers_mut();
-    headers.reserve(resp.headers.len());
-    for (name, value) in resp.headers {
-        let n = HeaderName::from_bytes(name.as_bytes())
-            .map_err(|_| HandlerError::Invalid(format!("header name {name:?} is not valid")))?;
-        let v = HeaderValue::from_str(&value).map_err(|_| {
-            HandlerError::Invalid(format!("header {name:?} has an invalid value {value:?}"))
-        })?;
-        headers.append(n, v);
-    }
-    Ok(out)
-}
-
 fn too_large() -> HttpResponse<Body> {
     let mut resp = plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
     // The unread body is still on the wire; this connection cannot be reused.
@@ -202,7 +301,7 @@ fn too_large() -> HttpResponse<Body> {
 }
 
 fn plain(status: StatusCode, text: &'static str) -> HttpResponse<Body> {
-    let mut resp = HttpResponse::new(Full::new(Bytes::from_static(text.as_bytes())));
+    let mut resp = HttpResponse::new(Body::full(Bytes::from_static(text.as_bytes())));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,
@@ -214,21 +313,6 @@ fn plain(status: StatusCode, text: &'static str) -> HttpResponse<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn invalid_handler_output_is_refused() {
-        let bad_status = Response::new(1000);
-        assert!(matches!(to_http(bad_status), Err(HandlerError::Invalid(m)) if m.contains("1000")));
-        let bad_header = Response::new(200).with_header("bad name", "x");
-        assert!(
-            matches!(to_http(bad_header), Err(HandlerError::Invalid(m)) if m.contains("bad name"))
-        );
-        let bad_value = Response::new(200).with_header("x-a", "line\nbreak");
-        assert!(to_http(bad_value).is_err());
-        let ok = to_http(Response::text(201, "hi").with_header("x-a", "1")).unwrap();
-        assert_eq!(ok.status(), 201);
-        assert_eq!(ok.headers()["x-a"], "1");
-    }
 
     #[test]
     fn http1_1_needs_exactly_one_host_and_http1_0_and_h2_need_none() {

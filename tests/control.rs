@@ -61,12 +61,12 @@ fn reload_reports_the_new_pid_and_the_new_handler_serves() {
 fn reload_with_a_wrong_abi_plugin_fails_and_says_why() {
     let (mut gem, so) = swappable("", &[]);
     let old = gem.pid();
-    install(&so, "abi-v2");
+    install(&so, "abi-v1");
     let (code, out, _) = gem_cmd(&gem, &["reload"]);
     assert_eq!(code, 1, "{out}");
     assert!(out.starts_with("upgrade failed: "), "{out}");
     assert!(out.contains(&so.display().to_string()), "{out}");
-    assert!(out.contains("ABI 2, but this gem speaks ABI 1"), "{out}");
+    assert!(out.contains("ABI 1, but this gem speaks ABI 2"), "{out}");
     assert!(
         out.trim_end()
             .ends_with(&format!("; pid {old} still serving")),
@@ -80,7 +80,7 @@ fn reload_with_a_wrong_abi_plugin_fails_and_says_why() {
         status["last_upgrade"]["reason"]
             .as_str()
             .unwrap()
-            .contains("ABI 2")
+            .contains("ABI 1, but this gem speaks ABI 2")
     );
 }
 
@@ -109,7 +109,7 @@ fn status_matches_reality() {
     assert_eq!(status["generation"], 3);
     assert_eq!(status["listen"][0], gem.addr.to_string());
     assert_eq!(status["plugin"]["name"], "hello");
-    assert_eq!(status["plugin"]["abi"], 1);
+    assert_eq!(status["plugin"]["abi"], 2);
     let digest: String = sha2::Sha256::digest(std::fs::read(&so).unwrap())
         .iter()
         .map(|b| format!("{b:02x}"))

@@ -88,7 +88,7 @@ fn check_and_serve_refuse_an_abort_plugin_by_name() {
     write_config(dir.path(), &unwind_build());
     let (status, out, err) = run_gem(dir.path(), &["check"], &[]);
     assert!(status.success(), "{err}");
-    assert!(out.contains("panic-abort 0.1.0 (ABI 1)"), "{out}");
+    assert!(out.contains("panic-abort 0.1.0 (ABI 2)"), "{out}");
 
     let so = abort_build();
     write_config(dir.path(), &so);

@@ -157,8 +157,8 @@ fn failed_upgrades_keep_the_old_process_serving() {
     std::fs::rename(so.with_extension("new"), &so).unwrap();
     expect_failed_upgrade(&mut gem, 1, &so.display().to_string());
 
-    install(&so, &plugin("abi-v2"));
-    expect_failed_upgrade(&mut gem, 2, "ABI 2");
+    install(&so, &plugin("abi-v1"));
+    expect_failed_upgrade(&mut gem, 2, "ABI 1, but this gem speaks ABI 2");
 
     install(&so, &plugin("hello"));
     std::fs::write(&toml, format!("{good_toml}\nwait_timeout = \"never\"\n")).unwrap();

@@ -19,7 +19,7 @@ fn hello_over_http1_and_http2() {
     let r = get_h2(gem.addr, "/").unwrap();
     assert_eq!((r.status, r.text().as_str()), (200, "Hello world."));
     assert_eq!(r.version, http::Version::HTTP_2);
-    assert!(gem.count_log("handler hello 0.1.0 (plugin ABI 1)") == 1);
+    assert!(gem.count_log("handler hello 0.1.0 (plugin ABI 2)") == 1);
 }
 
 #[test]
@@ -147,7 +147,7 @@ fn bad_plugins_refuse_to_start_naming_the_file() {
     let err = serve_fails_with(&missing);
     assert!(err.contains(&missing.display().to_string()), "{err}");
 
-    let wrong_abi = plugin("abi-v2");
+    let wrong_abi = plugin("abi-v1");
     let err = serve_fails_with(&wrong_abi);
     assert!(err.contains(&wrong_abi.display().to_string()), "{err}");
     assert!(err.contains("ABI 2") && err.contains("ABI 1"), "{err}");

@@ -161,7 +161,7 @@ fn check_validates_without_serving() {
     let (status, out, err) = run_gem(dir.path(), &["check"], &[]);
     assert!(status.success(), "{err}");
     assert!(
-        out.contains("plugin:              hello 0.1.0 (ABI 1)"),
+        out.contains("plugin:              hello 0.1.0 (ABI 2)"),
         "{out}"
     );
     assert!(out.contains("  SIGUSR1    plugin"), "{out}");
@@ -173,14 +173,14 @@ fn check_validates_without_serving() {
     assert!(!status.success());
     assert!(err.contains("`signals.TERM`"), "{err}");
 
-    write(&plugin("abi-v2"), "");
+    write(&plugin("abi-v1"), "");
     let (status, _, err) = run_gem(dir.path(), &["check"], &[]);
     assert!(!status.success());
     assert!(
-        err.contains(&plugin("abi-v2").display().to_string()),
+        err.contains(&plugin("abi-v1").display().to_string()),
         "{err}"
     );
-    assert!(err.contains("ABI 2, but this gem speaks ABI 1"), "{err}");
+    assert!(err.contains("ABI 1, but this gem speaks ABI 2"), "{err}");
 }
 
 #[test]

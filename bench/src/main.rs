@@ -8,6 +8,7 @@
 //! Run it through `bench/run [--quick] [--only 2,3]`, which installs the tools and builds
 //! first.
 
+mod abi;
 mod fleet;
 mod peers;
 mod supervise;
@@ -48,11 +49,11 @@ const NOTES: &str = "## Reading the misses
   time (the loopback wake-ups of wrk's threads, which follow the different write
   timing), a fifth malloc/free, a sixth the per-request header-read timer that guards
   against slowloris (hyper's ceiling arms none), and the rest header conversion and
-  validation and the plugin call itself. Counted with a uprobe on `malloc` (exact, so
-  free of the noise): hyper makes 2.0 allocations a request, gem 19.4: hyper's own 2,
-  1 for the header-read timer, 9 in gem copying the request and response across the C
-  ABI and into hyper's types, and 7 inside the plugin building its request view and
-  its response.
+  validation and the plugin call itself. Since plugin ABI 2 (scenario 13 counts every
+  allocation exactly): hyper makes 4.0 allocations a request, gem 5.0: the same 4
+  (the response's header map, 2, and hyper's request parsing, 2) plus 1 for the
+  header-read timer; the request and response cross the ABI without any (before ABI 2:
+  19.4, 16 of them copying across the ABI and inside the plugin).
 - **Restart latency.** nginx reloads by forking its master (no exec, no config parse,
   no dlopen); gem starts a fresh process, as the Go original did. From gem's own log
   timestamps over 15 restarts: 1.0-1.5 ms from the signal until the new process has
@@ -73,8 +74,8 @@ const NOTES: &str = "## Reading the misses
   reload may leave HTTP/2 connections on its old workers, which then keep serving
   them; that is why its request count varies between runs. gem's test
   (`tests/restart.rs`) checks that a stream in flight during a restart completes and
-  the client sees GOAWAY, not a reset. The same holds over TLS (scenario 13).
-- **TLS handshakes and throughput (13).** Full handshakes per second read 0.55 to 0.60
+  the client sees GOAWAY, not a reset. The same holds over TLS (scenario 14).
+- **TLS handshakes and throughput (14).** Full handshakes per second read 0.55 to 0.60
   of nginx in the runs of 2026-11-27. `perf` on gem under `wrk -H 'Connection:
   close'` puts about 40 % of its CPU in ring's X25519 (the key exchange every TLS 1.3
   client offers first), which OpenSSL's assembly does in less; serving AES-128-GCM
@@ -190,7 +191,11 @@ fn main() -> Result<()> {
             Box::new(|| fleet::cost(&build, &plan)),
         ),
         (
-            "13. TLS",
+            "13. Plugin ABI 2: allocations, streams",
+            Box::new(|| abi::abi2(&build, &plan)),
+        ),
+        (
+            "14. TLS",
             Box::new(|| tls::scenario(&build, &plan, workers)),
         ),
     ];

@@ -1,4 +1,4 @@
-//! Scenario 13, TLS: gem's TLS listener side by side with nginx on the same certificate
+//! Scenario 14, TLS: gem's TLS listener side by side with nginx on the same certificate
 //! and key (ECDSA P-256, made with `openssl req`): restarts every 0.5 s under wrk over
 //! HTTPS (keep-alive and `Connection: close`), HTTP/2 over TLS with h2load through
 //! restarts, full handshakes per second, keep-alive throughput, and sessions resumed

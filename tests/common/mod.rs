@@ -39,7 +39,7 @@ pub fn plugin(name: &str) -> PathBuf {
                 "-p",
                 "upgraded",
                 "-p",
-                "abi-v2",
+                "abi-v1",
                 "-p",
                 "slow-init",
             ])

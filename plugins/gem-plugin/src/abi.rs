@@ -7,26 +7,46 @@
 //!    `extern "C" fn() -> u32`). Its name never changes, so a host can always tell
 //!    which ABI a library was built for and refuse a mismatch naming both versions.
 //! 2. Only if that matches [`ABI_VERSION`] does the host resolve [`ENTRY_SYMBOL`]
-//!    (`gem_plugin_entry_v1`, an `extern "C" fn() -> *const PluginDescriptor`), whose
+//!    (`gem_plugin_entry_v2`, an `extern "C" fn() -> *const PluginDescriptor`), whose
 //!    name carries the ABI major version, and checks the descriptor's own
 //!    `abi_version` and `struct_size`. A plugin built against an older or newer
 //!    gem-plugin whose descriptor has another size is refused, asking for a rebuild
 //!    against the host's gem-plugin.
-//! 4. The host checks [`PluginDescriptor::panic_strategy`] and refuses a plugin that
+//! 3. The host checks [`PluginDescriptor::panic_strategy`] and refuses a plugin that
 //!    was not built with `panic = "unwind"` (see [Panics](#panics)), before any of its
 //!    functions runs.
-//! 5. The host calls `init` once, then `handle` for every request from many threads.
+//! 4. The host calls `init` once, then `handle` for every request from many threads.
+//!
+//! A plugin of ABI 1 (gem-plugin 0.1) is refused at step 1 with a message naming both
+//! versions: rebuild it against this gem-plugin. There is no adapter.
+//!
+//! # One request (ABI 2)
+//!
+//! Nothing is copied on the way in: [`RawRequest`] borrows the method, target and
+//! headers from the host's parsed request, and the body from the host's buffer. It
+//! also carries the connection's facts (peer and local address, HTTP version,
+//! scheme), a request id, and the host's callbacks ([`HostApi`]). The plugin writes
+//! its answer through them, straight into the host's response: status, headers, and a
+//! body that is either bytes (copied once, or not at all when static) or a
+//! [`RawProducer`] that the host runs on a thread of its own once the head is sent,
+//! pulling chunks through a [`RawSink`] with backpressure. A request with a body first
+//! goes through `streams_body`, which may ask to read it in chunks instead of whole.
 //!
 //! # Memory
 //!
 //! Memory is freed by the side that allocated it. A [`RawRequest`] is owned by the host
-//! and only borrowed for the duration of `handle`. A [`RawResponse`] filled by the plugin
-//! is owned by the plugin until the host hands it back to `free_response`.
+//! and only borrowed for the duration of `handle`; a chunk read with
+//! [`HostApi::read_body`] until the next read. Whatever the plugin hands the host
+//! (header values, body bytes, stream chunks) is copied by the host before the
+//! callback returns, except static data ([`FLAG_STATIC`]), which lives as long as the
+//! never-unloaded library. A [`RawProducer`]'s state is the plugin's; the host calls
+//! its `run` or its `drop` exactly once.
 //!
 //! # Panics
 //!
 //! No panic crosses the boundary: the SDK's `export_plugin!` macro wraps every exported
-//! function in `catch_unwind` and reports a panic as an error value instead.
+//! function, and every producer, in `catch_unwind` and reports a panic through the
+//! host's `fail` callback instead.
 //!
 //! That only works when panics unwind. In a plugin built with `panic = "abort"` (in a
 //! Cargo profile, or `-C panic=abort`) the first panic aborts the whole process, i.e.
@@ -42,16 +62,17 @@
 //! cdylib crate, not in a library it depends on, so the record is exact.
 
 use std::ffi::c_void;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 /// The ABI major version this SDK implements. Bumped on any incompatible change to the
 /// types in this module.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// `extern "C" fn() -> u32`: the ABI version a library was built for. Never renamed.
 pub const ABI_VERSION_SYMBOL: &str = "gem_plugin_abi_version";
 
-/// `extern "C" fn() -> *const PluginDescriptor`: the entry point for ABI major 1.
-pub const ENTRY_SYMBOL: &str = "gem_plugin_entry_v1";
+/// `extern "C" fn() -> *const PluginDescriptor`: the entry point for ABI major 2.
+pub const ENTRY_SYMBOL: &str = "gem_plugin_entry_v2";
 
 /// [`PluginDescriptor::panic_strategy`]: panics unwind, so the SDK catches them. The
 /// only strategy the host accepts.
@@ -60,6 +81,31 @@ pub const PANIC_UNWIND: u32 = 1;
 /// [`PluginDescriptor::panic_strategy`]: panics abort the process (`panic = "abort"`, or
 /// any other strategy that does not unwind). Refused by the host.
 pub const PANIC_ABORT: u32 = 2;
+
+/// [`RawRequest::scheme`]: cleartext HTTP.
+pub const SCHEME_HTTP: u32 = 0;
+/// [`RawRequest::scheme`]: HTTP over TLS.
+pub const SCHEME_HTTPS: u32 = 1;
+
+/// Flag for [`HostApi::add_header`] and [`HostApi::set_body`]: the bytes are static
+/// data (of the never-unloaded plugin, or of the host), so the host may keep a pointer
+/// to them instead of copying.
+pub const FLAG_STATIC: u32 = 1;
+
+/// [`HostApi::read_body`] and [`RawSink::wait`] results.
+pub const READ_CHUNK: i32 = 1;
+/// [`HostApi::read_body`]: the body has ended.
+pub const READ_END: i32 = 0;
+/// [`HostApi::read_body`]: the body could not be read (the client went away, or sent
+/// a malformed body). [`RawSink::write`]: the client is gone or the stream was cut.
+pub const IO_ERROR: i32 = -1;
+
+/// [`RawSink::wait`]: the time passed.
+pub const WAIT_ELAPSED: i32 = 0;
+/// [`RawSink::wait`]: a drain has begun (at once if it already had).
+pub const WAIT_DRAINING: i32 = 1;
+/// [`RawSink::wait`]: the client is gone, or the stream was cut.
+pub const WAIT_GONE: i32 = 2;
 
 /// A borrowed run of bytes (often UTF-8). `ptr` may be null only when `len` is 0.
 #[repr(C)]
@@ -75,13 +121,30 @@ pub struct RawStr {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct RawHeader {
-    /// Header name as sent by the client (HTTP/1) or lower-case (HTTP/2).
+    /// Header name, lower-case.
     pub name: RawStr,
     /// Header value bytes; not necessarily UTF-8.
     pub value: RawStr,
 }
 
-/// A request, owned by the host and valid only during the `handle` call.
+/// A socket address, by value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawAddr {
+    /// 4, 6, or 0 when there is no address.
+    pub family: u32,
+    /// The port.
+    pub port: u16,
+    /// The IPv4 address in the first 4 bytes, or the IPv6 address.
+    pub ip: [u8; 16],
+    /// IPv6 flow information.
+    pub flowinfo: u32,
+    /// IPv6 scope id.
+    pub scope_id: u32,
+}
+
+/// A request, owned by the host and valid only during the `handle` call: method,
+/// target, headers and body are views into what the host already holds.
 #[repr(C)]
 #[derive(Debug)]
 pub struct RawRequest {
@@ -93,27 +156,93 @@ pub struct RawRequest {
     pub headers: *const RawHeader,
     /// Number of headers.
     pub headers_len: usize,
-    /// The whole request body (the host buffers it, bounded by `max_body`).
+    /// The whole request body, when the host read it whole (bounded by
+    /// `max_body_size`); empty when there is none or when the handler reads it in
+    /// chunks with [`HostApi::read_body`].
     pub body: RawStr,
+    /// The HTTP version, as major * 10 + minor: 9, 10, 11, 20 or 30.
+    pub version: u32,
+    /// [`SCHEME_HTTP`] or [`SCHEME_HTTPS`].
+    pub scheme: u32,
+    /// The client's address.
+    pub peer: RawAddr,
+    /// The local address the client connected to.
+    pub local: RawAddr,
+    /// A number unique to this request within the serving process.
+    pub request_id: u64,
+    /// Whether [`HostApi::read_body`] serves the body in chunks (the plugin's
+    /// `streams_body` asked for it); 0 or 1.
+    pub body_streamed: u32,
+    /// The host's callbacks, valid during the call.
+    pub host: *const HostApi,
+    /// The host's state for this request: the first argument of every [`HostApi`]
+    /// callback.
+    pub ctx: *mut c_void,
 }
 
-/// A response, filled by the plugin's `handle` and owned by the plugin until the host
-/// passes it to `free_response`.
+/// The host's callbacks for one request. The response is written straight into the
+/// host's response through them; every call passes [`RawRequest::ctx`]. None of them
+/// may be called after `handle` returned, or from another thread.
 #[repr(C)]
 #[derive(Debug)]
-pub struct RawResponse {
-    /// HTTP status code. 0 means the handler failed (it panicked); `error` says why.
-    pub status: u16,
-    /// Pointer to `headers_len` headers, owned by the plugin.
-    pub headers: *const RawHeader,
-    /// Number of headers.
-    pub headers_len: usize,
-    /// Response body, owned by the plugin.
-    pub body: RawStr,
-    /// When `status` is 0: a message describing the failure.
-    pub error: RawStr,
-    /// Opaque plugin allocation backing the fields above; released by `free_response`.
-    pub owner: *mut c_void,
+pub struct HostApi {
+    /// `size_of::<HostApi>()`, so a later minor version can add callbacks at the end.
+    pub struct_size: u32,
+    /// Sets the response status (200 if never called). An invalid status makes the
+    /// answer a 500 with a log line.
+    pub set_status: unsafe extern "C" fn(ctx: *mut c_void, status: u16),
+    /// Appends a header. `flags` may hold [`FLAG_STATIC`] for the value. An invalid
+    /// name or value makes the answer a 500 with a log line.
+    pub add_header: unsafe extern "C" fn(ctx: *mut c_void, name: RawStr, value: RawStr, flags: u32),
+    /// Sets the whole body: copied once, or kept by pointer with [`FLAG_STATIC`].
+    pub set_body: unsafe extern "C" fn(ctx: *mut c_void, body: RawStr, flags: u32),
+    /// Makes the body a stream: the host takes `producer` and runs it off its I/O
+    /// threads once the head is sent (or drops it unrun).
+    pub set_body_stream: unsafe extern "C" fn(ctx: *mut c_void, producer: RawProducer),
+    /// Reads the next chunk of a streamed request body into `out`, valid until the
+    /// next call or the end of `handle`. Returns [`READ_CHUNK`], [`READ_END`] or
+    /// [`IO_ERROR`]. Without `body_streamed` it returns the whole body, then the end.
+    pub read_body: unsafe extern "C" fn(ctx: *mut c_void, out: *mut RawStr) -> i32,
+    /// The handler failed (it panicked): the answer is a 500 and a log line with
+    /// `message`, whatever else was set.
+    pub fail: unsafe extern "C" fn(ctx: *mut c_void, message: RawStr),
+}
+
+/// A streamed response body, handed to the host with [`HostApi::set_body_stream`].
+/// Owned by the host from then on, which calls exactly one of `run` and `drop`, once,
+/// from any thread (the plugin's producer state must be `Send`).
+#[repr(C)]
+#[derive(Debug)]
+pub struct RawProducer {
+    /// The plugin's producer state.
+    pub state: *mut c_void,
+    /// Produces the whole body into `sink`, then frees `state`. Blocking is expected:
+    /// the host runs it on a thread of its own, and `sink.write` blocks while the
+    /// client is slow (backpressure).
+    pub run: unsafe extern "C" fn(state: *mut c_void, sink: *const RawSink),
+    /// Frees `state` without running it.
+    pub drop: unsafe extern "C" fn(state: *mut c_void),
+}
+
+/// Where a [`RawProducer`] writes, valid during `run`.
+#[repr(C)]
+#[derive(Debug)]
+pub struct RawSink {
+    /// The host's state: the first argument of every callback.
+    pub ctx: *mut c_void,
+    /// Sends one chunk (copied once), blocking while the host holds as many chunks as
+    /// it buffers. 0, or [`IO_ERROR`] once the client is gone or the stream was cut:
+    /// the producer should then return.
+    pub write: unsafe extern "C" fn(ctx: *mut c_void, chunk: RawStr) -> i32,
+    /// Whether the server has begun to drain (a shutdown, or the old side of an
+    /// upgrade): a long stream should end soon.
+    pub is_draining: unsafe extern "C" fn(ctx: *mut c_void) -> bool,
+    /// Sleeps up to `timeout_ms`, waking early when a drain begins or the client goes:
+    /// [`WAIT_ELAPSED`], [`WAIT_DRAINING`] or [`WAIT_GONE`].
+    pub wait: unsafe extern "C" fn(ctx: *mut c_void, timeout_ms: u64) -> i32,
+    /// The producer failed (it panicked or returned an error): the stream is cut
+    /// (the client sees it end without its proper end) and `message` is logged.
+    pub fail: unsafe extern "C" fn(ctx: *mut c_void, message: RawStr),
 }
 
 /// Everything the host needs from a plugin. Lives in the plugin as a `static`.
@@ -131,10 +260,12 @@ pub struct PluginDescriptor {
     /// Called once before any request. Returns an empty `RawStr` on success, or an
     /// error message that stays valid for the life of the process.
     pub init: unsafe extern "C" fn() -> RawStr,
-    /// Handles one request; always fills `resp` (status 0 on failure).
-    pub handle: unsafe extern "C" fn(req: *const RawRequest, resp: *mut RawResponse),
-    /// Releases what `handle` allocated into `resp`.
-    pub free_response: unsafe extern "C" fn(resp: *mut RawResponse),
+    /// Handles one request, writing the response through `req.host`.
+    pub handle: unsafe extern "C" fn(req: *const RawRequest),
+    /// Called before the body is read, for a request that has one: `true` to read it
+    /// in chunks with [`HostApi::read_body`] (no `max_body_size`), `false` to get it
+    /// whole in [`RawRequest::body`]. `req.body` is empty and no callback may be used.
+    pub streams_body: unsafe extern "C" fn(req: *const RawRequest) -> bool,
     /// Optional hook for the `plugin` signal action; receives the signal number.
     pub on_signal: Option<unsafe extern "C" fn(signo: i32)>,
     /// How the plugin was compiled to handle panics: [`PANIC_UNWIND`] or
@@ -147,6 +278,71 @@ pub struct PluginDescriptor {
 // SDK makes safe to call from any thread.
 #[allow(unsafe_code)]
 unsafe impl Sync for PluginDescriptor {}
+
+// SAFETY: a host vtable is a static table of functions.
+#[allow(unsafe_code)]
+unsafe impl Sync for HostApi {}
+
+impl RawAddr {
+    /// No address.
+    pub const NONE: RawAddr = RawAddr {
+        family: 0,
+        port: 0,
+        ip: [0; 16],
+        flowinfo: 0,
+        scope_id: 0,
+    };
+
+    /// The address, if there is one.
+    pub fn to_socket_addr(&self) -> Option<SocketAddr> {
+        match self.family {
+            4 => {
+                let [a, b, c, d, ..] = self.ip;
+                Some(SocketAddr::V4(SocketAddrV4::new(
+                    Ipv4Addr::new(a, b, c, d),
+                    self.port,
+                )))
+            }
+            6 => Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(self.ip),
+                self.port,
+                self.flowinfo,
+                self.scope_id,
+            ))),
+            _ => None,
+        }
+    }
+}
+
+impl From<SocketAddr> for RawAddr {
+    fn from(addr: SocketAddr) -> RawAddr {
+        let mut raw = RawAddr {
+            port: addr.port(),
+            ..RawAddr::NONE
+        };
+        match addr {
+            SocketAddr::V4(v4) => {
+                raw.family = 4;
+                raw.ip[..4].copy_from_slice(&v4.ip().octets());
+            }
+            SocketAddr::V6(v6) => {
+                raw.family = 6;
+                raw.ip = v6.ip().octets();
+                raw.flowinfo = v6.flowinfo();
+                raw.scope_id = v6.scope_id();
+            }
+        }
+        raw
+    }
+}
+
+impl RawHeader {
+    /// An empty header, to fill arrays with.
+    pub const EMPTY: RawHeader = RawHeader {
+        name: RawStr::EMPTY,
+        value: RawStr::EMPTY,
+    };
+}
 
 impl RawStr {
     /// The empty string.

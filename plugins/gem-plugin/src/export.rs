@@ -1,22 +1,15 @@
 //! What [`export_plugin!`](crate::export_plugin) expands to: the safe glue between the
 //! C ABI and a [`Plugin`](crate::Plugin). Not part of the public API.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::ffi::c_void;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Once, OnceLock};
 
-use crate::abi::{RawHeader, RawRequest, RawResponse, RawStr};
+use crate::abi::{FLAG_STATIC, HostApi, RawProducer, RawRequest, RawSink, RawStr};
+use crate::http::{Body, BodyWriter, Producer, Sink};
 use crate::{Plugin, Request, Response};
-
-/// The response data a `RawResponse` points into, owned by the plugin until
-/// `free_response`.
-struct Owned {
-    headers: Vec<(String, String)>,
-    raw_headers: Vec<RawHeader>,
-    body: Vec<u8>,
-    error: String,
-}
 
 thread_local! {
     /// Where the last panic on this thread happened, recorded by the plugin's hook.
@@ -68,129 +61,164 @@ pub fn init<T: Plugin>(cell: &'static OnceLock<T>) -> RawStr {
     RawStr::from_bytes(leaked.as_bytes())
 }
 
-/// `handle`: runs the plugin on one request and fills `resp`.
+/// `handle`: runs the plugin on one request and writes its response to the host.
 ///
 /// # Safety
 ///
-/// `req` must point to a valid `RawRequest` whose pointers are valid for the call, and
-/// `resp` to writable memory for a `RawResponse`.
+/// `req` must point to a valid `RawRequest` whose pointers (and host callbacks) are
+/// valid for the call.
 #[allow(unsafe_code)]
-pub unsafe fn handle<T: Plugin>(
-    cell: &'static OnceLock<T>,
+pub unsafe fn handle<T: Plugin>(cell: &'static OnceLock<T>, req: *const RawRequest) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        serve(req, |r| match cell.get() {
+            Some(plugin) => Ok(plugin.handle(r)),
+            None => Err("handle was called before a successful init".to_owned()),
+        })
+    }
+}
+
+/// `streams_body`: asks the plugin whether it reads this request's body in chunks.
+/// A panic, or a call before `init`, answers `false`.
+///
+/// # Safety
+///
+/// As for [`handle`].
+#[allow(unsafe_code)]
+pub unsafe fn streams_body<T: Plugin>(cell: &'static OnceLock<T>, req: *const RawRequest) -> bool {
+    catch_unwind(AssertUnwindSafe(|| {
+        let plugin = cell.get()?;
+        // SAFETY: the caller's contract.
+        let req = unsafe { Request::from_raw(&*req) }?;
+        Some(plugin.streams_body(&req))
+    }))
+    .ok()
+    .flatten()
+    .unwrap_or(false)
+}
+
+/// Runs `f` on the request at `req` and writes what it answers through the host's
+/// callbacks: the one way a response crosses the ABI, for plugins and for gem's
+/// in-process handlers alike. A panic (or `Err`) is reported with the host's `fail`.
+///
+/// # Safety
+///
+/// As for [`handle`].
+#[allow(unsafe_code)]
+pub unsafe fn serve(
     req: *const RawRequest,
-    resp: *mut RawResponse,
+    f: impl FnOnce(&Request<'_>) -> Result<Response, String>,
 ) {
+    // SAFETY: the caller guarantees `req` and what it points to is valid now.
+    let raw = unsafe { &*req };
+    // SAFETY: as above.
+    let host = unsafe { &*raw.host };
     let outcome = catch_unwind(AssertUnwindSafe(|| {
-        let plugin = cell
-            .get()
-            .ok_or_else(|| "handle was called before a successful init".to_owned())?;
-        // SAFETY: the caller guarantees `req` and everything it points to is valid now.
-        let req = unsafe { &*req };
-        // SAFETY: as above, for every borrowed string in the request.
-        let (method, target, body) = unsafe {
-            (
-                req.method.as_bytes(),
-                req.target.as_bytes(),
-                req.body.as_bytes(),
-            )
-        };
-        let (Ok(method), Ok(target)) = (std::str::from_utf8(method), std::str::from_utf8(target))
-        else {
-            return Ok(Response::text(
+        // SAFETY: as above.
+        match unsafe { Request::from_raw(raw) } {
+            Some(req) => f(&req),
+            None => Ok(Response::text(
                 400,
                 "request method or target is not UTF-8\n",
-            ));
-        };
-        let raw_headers = match req.headers.is_null() {
-            true => &[][..],
-            // SAFETY: the caller guarantees `headers_len` valid headers at `headers`.
-            false => unsafe { std::slice::from_raw_parts(req.headers, req.headers_len) },
-        };
-        let headers = raw_headers
-            .iter()
-            .filter_map(|h| {
-                // SAFETY: header strings are valid for the call, as above.
-                let (name, value) = unsafe { (h.name.as_bytes(), h.value.as_bytes()) };
-                Some((std::str::from_utf8(name).ok()?, value))
-            })
-            .collect();
-        Ok(plugin.handle(&Request::new(method, target, headers, body)))
-    }));
-    let (owned, status) = match outcome {
-        Ok(Ok(response)) => (
-            Owned {
-                headers: response.headers,
-                raw_headers: Vec::new(),
-                body: response.body,
-                error: String::new(),
-            },
-            response.status,
-        ),
-        Ok(Err(message)) => (Owned::failed(message), 0),
-        Err(payload) => (Owned::failed(panic_message(payload.as_ref())), 0),
-    };
-    // SAFETY: the caller guarantees `resp` is writable.
-    unsafe { owned.into_raw(status, resp) };
-}
-
-impl Owned {
-    fn failed(error: String) -> Owned {
-        Owned {
-            headers: Vec::new(),
-            raw_headers: Vec::new(),
-            body: Vec::new(),
-            error,
+            )),
         }
-    }
-
-    /// Moves `self` to the heap and points `resp` into it.
-    ///
-    /// # Safety
-    ///
-    /// `resp` must be writable.
-    #[allow(unsafe_code)]
-    unsafe fn into_raw(self, status: u16, resp: *mut RawResponse) {
-        let mut boxed = Box::new(self);
-        boxed.raw_headers = boxed
-            .headers
-            .iter()
-            .map(|(n, v)| RawHeader {
-                name: RawStr::from_bytes(n.as_bytes()),
-                value: RawStr::from_bytes(v.as_bytes()),
-            })
-            .collect();
-        let raw = RawResponse {
-            status,
-            headers: boxed.raw_headers.as_ptr(),
-            headers_len: boxed.raw_headers.len(),
-            body: RawStr::from_bytes(&boxed.body),
-            error: RawStr::from_bytes(boxed.error.as_bytes()),
-            owner: Box::into_raw(boxed).cast::<c_void>(),
-        };
-        // SAFETY: the caller guarantees `resp` is writable; the heap data the pointers
-        // refer to does not move when the box's pointer is taken.
-        unsafe { resp.write(raw) };
-    }
+    }));
+    let message = match outcome {
+        Ok(Ok(response)) => {
+            // SAFETY: the callbacks are valid during the call, with this `ctx`.
+            unsafe { write_response(host, raw.ctx, response) };
+            return;
+        }
+        Ok(Err(message)) => message,
+        Err(payload) => panic_message(payload.as_ref()),
+    };
+    // SAFETY: as above; the host copies the message before it returns.
+    unsafe { (host.fail)(raw.ctx, RawStr::from_bytes(message.as_bytes())) };
 }
 
-/// `free_response`: releases what `handle` put into `resp`.
+/// Writes `response` through the host's callbacks.
 ///
 /// # Safety
 ///
-/// `resp` must have been filled by [`handle`] and not freed since.
+/// `host` and `ctx` are a request's, valid now.
 #[allow(unsafe_code)]
-pub unsafe extern "C" fn free_response(resp: *mut RawResponse) {
-    if resp.is_null() {
-        return;
+unsafe fn write_response(host: &HostApi, ctx: *mut c_void, response: Response) {
+    let (status, headers, body) = response.into_parts();
+    // SAFETY (every call below): the caller's contract; the host copies what it keeps
+    // before it returns, except static data, which lives as long as the library.
+    unsafe { (host.set_status)(ctx, status) };
+    for (name, value) in headers {
+        let flags = match value {
+            Cow::Borrowed(_) => FLAG_STATIC,
+            Cow::Owned(_) => 0,
+        };
+        let (name, value) = (name.as_bytes(), value.as_bytes());
+        // SAFETY: as above.
+        unsafe {
+            (host.add_header)(
+                ctx,
+                RawStr::from_bytes(name),
+                RawStr::from_bytes(value),
+                flags,
+            )
+        };
     }
-    // SAFETY: the caller guarantees `resp` came from `handle`.
-    let resp = unsafe { &mut *resp };
-    if !resp.owner.is_null() {
-        // SAFETY: `owner` was made by `Box::into_raw` in `into_raw` and is freed once,
-        // since it is nulled right after.
-        drop(unsafe { Box::from_raw(resp.owner.cast::<Owned>()) });
-        resp.owner = std::ptr::null_mut();
+    match body {
+        Body::Empty => {}
+        // SAFETY: as above.
+        Body::Static(bytes) => unsafe {
+            (host.set_body)(ctx, RawStr::from_bytes(bytes), FLAG_STATIC)
+        },
+        // SAFETY: as above.
+        Body::Bytes(bytes) => unsafe { (host.set_body)(ctx, RawStr::from_bytes(&bytes), 0) },
+        // SAFETY: as above; the host owns the producer from now on.
+        Body::Stream(produce) => unsafe { (host.set_body_stream)(ctx, into_raw(produce)) },
     }
+}
+
+fn into_raw(produce: Producer) -> RawProducer {
+    RawProducer {
+        state: Box::into_raw(Box::new(produce)).cast::<c_void>(),
+        run: run_producer,
+        drop: drop_producer,
+    }
+}
+
+/// `RawProducer::run`: runs the producer into the host's sink, reporting a panic or an
+/// error (other than the client going away) with `fail`.
+///
+/// # Safety
+///
+/// `state` comes from [`into_raw`] and is used once; `sink` is valid for the call.
+#[allow(unsafe_code)]
+unsafe extern "C" fn run_producer(state: *mut c_void, sink: *const RawSink) {
+    // SAFETY: the caller's contract: made by `into_raw`, taken once.
+    let produce = unsafe { Box::from_raw(state.cast::<Producer>()) };
+    // SAFETY: valid for the call.
+    let sink = unsafe { &*sink };
+    let outcome = catch_unwind(AssertUnwindSafe(move || {
+        let mut w = BodyWriter::new(Sink::Raw(sink));
+        let result = (*produce)(&mut w).and_then(|()| std::io::Write::flush(&mut w));
+        (result, w.is_gone())
+    }));
+    let message = match outcome {
+        Ok((Ok(()), _)) | Ok((Err(_), true)) => return,
+        Ok((Err(err), false)) => format!("the stream failed: {err}"),
+        Err(payload) => format!("the stream panicked: {}", panic_message(payload.as_ref())),
+    };
+    // SAFETY: valid for the call; the host copies the message.
+    unsafe { (sink.fail)(sink.ctx, RawStr::from_bytes(message.as_bytes())) };
+}
+
+/// `RawProducer::drop`: frees a producer that never ran.
+///
+/// # Safety
+///
+/// As for [`run_producer`].
+#[allow(unsafe_code)]
+unsafe extern "C" fn drop_producer(state: *mut c_void) {
+    // SAFETY: the caller's contract.
+    drop(unsafe { Box::from_raw(state.cast::<Producer>()) });
 }
 
 /// `on_signal`: forwards a signal to the plugin, swallowing a panic.
@@ -201,7 +229,7 @@ pub fn on_signal<T: Plugin>(cell: &'static OnceLock<T>, signo: i32) {
 }
 
 /// Exports `$plugin` (a type implementing [`Plugin`](crate::Plugin)) as a gem handler:
-/// the `gem_plugin_abi_version` and `gem_plugin_entry_v1` symbols and the descriptor
+/// the `gem_plugin_abi_version` and `gem_plugin_entry_v2` symbols and the descriptor
 /// behind them. Call it once per cdylib, in the cdylib crate itself: the descriptor
 /// records the panic strategy of the crate the macro expands in, and gem refuses a
 /// plugin built with `panic = "abort"` (see [`abi`](crate::abi#panics)).
@@ -210,10 +238,11 @@ macro_rules! export_plugin {
     ($plugin:ty) => {
         $crate::export_plugin!($plugin, abi_version = $crate::abi::ABI_VERSION);
     };
-    // Undocumented: lets a test plugin claim another ABI, to exercise the host's refusal.
+    // Undocumented: lets a test plugin claim another ABI (e.g. 1), to exercise the
+    // host's refusal.
     ($plugin:ty, abi_version = $abi:expr) => {
         const _: () = {
-            use $crate::abi::{PluginDescriptor, RawRequest, RawResponse, RawStr};
+            use $crate::abi::{PluginDescriptor, RawRequest, RawStr};
 
             static PLUGIN: ::std::sync::OnceLock<$plugin> = ::std::sync::OnceLock::new();
 
@@ -223,9 +252,15 @@ macro_rules! export_plugin {
             }
 
             #[allow(unsafe_code)]
-            unsafe extern "C" fn handle(req: *const RawRequest, resp: *mut RawResponse) {
+            unsafe extern "C" fn handle(req: *const RawRequest) {
                 // SAFETY: the host upholds `handle`'s contract (see the ABI docs).
-                unsafe { $crate::__export::handle::<$plugin>(&PLUGIN, req, resp) }
+                unsafe { $crate::__export::handle::<$plugin>(&PLUGIN, req) }
+            }
+
+            #[allow(unsafe_code)]
+            unsafe extern "C" fn streams_body(req: *const RawRequest) -> bool {
+                // SAFETY: as for `handle`.
+                unsafe { $crate::__export::streams_body::<$plugin>(&PLUGIN, req) }
             }
 
             #[allow(unsafe_code)]
@@ -240,7 +275,7 @@ macro_rules! export_plugin {
                 version: RawStr::from_bytes(::std::env!("CARGO_PKG_VERSION").as_bytes()),
                 init,
                 handle,
-                free_response: $crate::__export::free_response,
+                streams_body,
                 on_signal: if <$plugin as $crate::Plugin>::HAS_SIGNAL_HOOK {
                     Some(on_signal)
                 } else {
@@ -263,7 +298,7 @@ macro_rules! export_plugin {
 
             #[allow(unsafe_code)]
             #[unsafe(no_mangle)]
-            extern "C" fn gem_plugin_entry_v1() -> *const PluginDescriptor {
+            extern "C" fn gem_plugin_entry_v2() -> *const PluginDescriptor {
                 &DESCRIPTOR
             }
         };
@@ -274,7 +309,8 @@ macro_rules! export_plugin {
 #[allow(unsafe_code)]
 mod tests {
     use super::*;
-    use crate::abi::{ABI_VERSION, PANIC_UNWIND, PluginDescriptor};
+    use crate::abi::{ABI_VERSION, PANIC_UNWIND, PluginDescriptor, RawAddr, RawHeader};
+    use crate::http::Wait;
 
     struct Probe;
 
@@ -288,8 +324,30 @@ mod tests {
         fn handle(&self, req: &Request<'_>) -> Response {
             match req.path() {
                 "/panic" => panic!("probe panics"),
-                _ => Response::text(200, req.target()).with_header("x-method", req.method()),
+                "/stream" => Response::stream(200, |w| {
+                    w.send(b"one")?;
+                    assert_eq!(w.wait(std::time::Duration::ZERO), Wait::Elapsed);
+                    w.send(b"two")
+                }),
+                "/stream-panic" => Response::stream(200, |w| {
+                    w.send(b"one")?;
+                    panic!("producer panics")
+                }),
+                "/count" => {
+                    let mut n = 0;
+                    let mut body = req.body_reader();
+                    while let Some(chunk) = body.next_chunk().unwrap() {
+                        n += chunk.len();
+                    }
+                    Response::text(200, format!("{n} {:?}", req.peer_addr()))
+                }
+                _ => Response::text(200, req.target().to_owned())
+                    .with_header("x-method", req.method().to_owned()),
             }
+        }
+
+        fn streams_body(&self, req: &Request<'_>) -> bool {
+            req.path() == "/count"
         }
     }
 
@@ -298,25 +356,109 @@ mod tests {
 
     unsafe extern "C" {
         // The symbol the macro above exports.
-        fn gem_plugin_entry_v1() -> *const PluginDescriptor;
+        fn gem_plugin_entry_v2() -> *const PluginDescriptor;
     }
 
     fn descriptor() -> &'static PluginDescriptor {
         // SAFETY: the entry point returns a pointer to a static descriptor.
-        unsafe { &*gem_plugin_entry_v1() }
+        unsafe { &*gem_plugin_entry_v2() }
     }
 
-    /// Status, headers, body and error of one call through a C-ABI `handle`.
-    type Answer = (u16, Vec<(String, String)>, Vec<u8>, String);
+    /// What a fake host saw of one call.
+    #[derive(Default, Debug)]
+    struct Seen {
+        status: u16,
+        headers: Vec<(String, String, u32)>,
+        body: Vec<u8>,
+        body_flags: u32,
+        failed: Option<String>,
+        producer: Option<RawProducer>,
+        chunks: Vec<&'static [u8]>,
+        written: Vec<Vec<u8>>,
+    }
+
+    fn text(s: RawStr) -> String {
+        // SAFETY: valid during the callback that passed it.
+        String::from_utf8_lossy(unsafe { s.as_bytes() }).into_owned()
+    }
+
+    unsafe extern "C" fn set_status(ctx: *mut c_void, status: u16) {
+        // SAFETY: `ctx` is the test's `Seen`.
+        unsafe { (*ctx.cast::<Seen>()).status = status };
+    }
+    unsafe extern "C" fn add_header(ctx: *mut c_void, name: RawStr, value: RawStr, flags: u32) {
+        // SAFETY: as above.
+        unsafe {
+            (*ctx.cast::<Seen>())
+                .headers
+                .push((text(name), text(value), flags))
+        };
+    }
+    unsafe extern "C" fn set_body(ctx: *mut c_void, body: RawStr, flags: u32) {
+        // SAFETY: as above; the body is valid during the call.
+        let seen = unsafe { &mut *ctx.cast::<Seen>() };
+        seen.body = unsafe { body.as_bytes() }.to_vec();
+        seen.body_flags = flags;
+    }
+    unsafe extern "C" fn set_body_stream(ctx: *mut c_void, producer: RawProducer) {
+        // SAFETY: as above.
+        unsafe { (*ctx.cast::<Seen>()).producer = Some(producer) };
+    }
+    unsafe extern "C" fn read_body(ctx: *mut c_void, out: *mut RawStr) -> i32 {
+        // SAFETY: as above.
+        let seen = unsafe { &mut *ctx.cast::<Seen>() };
+        match seen.chunks.pop() {
+            // SAFETY: `out` is writable.
+            Some(chunk) => unsafe {
+                out.write(RawStr::from_bytes(chunk));
+                crate::abi::READ_CHUNK
+            },
+            None => crate::abi::READ_END,
+        }
+    }
+    unsafe extern "C" fn fail(ctx: *mut c_void, message: RawStr) {
+        // SAFETY: as above.
+        unsafe { (*ctx.cast::<Seen>()).failed = Some(text(message)) };
+    }
+    unsafe extern "C" fn write(ctx: *mut c_void, chunk: RawStr) -> i32 {
+        // SAFETY: as above.
+        unsafe {
+            (*ctx.cast::<Seen>())
+                .written
+                .push(chunk.as_bytes().to_vec())
+        };
+        0
+    }
+    unsafe extern "C" fn is_draining(_: *mut c_void) -> bool {
+        false
+    }
+    unsafe extern "C" fn wait(_: *mut c_void, _: u64) -> i32 {
+        crate::abi::WAIT_ELAPSED
+    }
+
+    static HOST: HostApi = HostApi {
+        struct_size: size_of::<HostApi>() as u32,
+        set_status,
+        add_header,
+        set_body,
+        set_body_stream,
+        read_body,
+        fail,
+    };
 
     fn call(
-        handle: impl Fn(*const RawRequest, *mut RawResponse),
+        handle: impl Fn(*const RawRequest),
         method: &[u8],
         target: &[u8],
-    ) -> Answer {
+        chunks: Vec<&'static [u8]>,
+    ) -> Seen {
         let header = RawHeader {
             name: RawStr::from_bytes(b"host"),
             value: RawStr::from_bytes(b"x"),
+        };
+        let mut seen = Seen {
+            chunks,
+            ..Seen::default()
         };
         let req = RawRequest {
             method: RawStr::from_bytes(method),
@@ -324,31 +466,28 @@ mod tests {
             headers: &header,
             headers_len: 1,
             body: RawStr::EMPTY,
+            version: 11,
+            scheme: crate::abi::SCHEME_HTTP,
+            peer: RawAddr::from("127.0.0.1:4000".parse::<std::net::SocketAddr>().unwrap()),
+            local: RawAddr::NONE,
+            request_id: 7,
+            body_streamed: 1,
+            host: &HOST,
+            ctx: (&raw mut seen).cast::<c_void>(),
         };
-        let mut resp = std::mem::MaybeUninit::<RawResponse>::uninit();
-        handle(&req, resp.as_mut_ptr());
-        // SAFETY: `handle` always fills `resp`.
-        let mut resp = unsafe { resp.assume_init() };
-        let text = |s: RawStr| {
-            // SAFETY: the response's strings live until `free_response`, below.
-            String::from_utf8(unsafe { s.as_bytes() }.to_vec()).unwrap_or_default()
-        };
-        // SAFETY: as above.
-        let headers = unsafe { std::slice::from_raw_parts(resp.headers, resp.headers_len) };
-        let answer = (
-            resp.status,
-            headers
-                .iter()
-                .map(|h| (text(h.name), text(h.value)))
-                .collect(),
-            // SAFETY: as above.
-            unsafe { resp.body.as_bytes() }.to_vec(),
-            text(resp.error),
-        );
-        // SAFETY: filled by `handle`, freed once.
-        unsafe { free_response(&mut resp) };
-        assert!(resp.owner.is_null());
-        answer
+        handle(&req);
+        if let Some(producer) = seen.producer.take() {
+            let sink = RawSink {
+                ctx: (&raw mut seen).cast::<c_void>(),
+                write,
+                is_draining,
+                wait,
+                fail,
+            };
+            // SAFETY: a producer from the plugin, run once with a valid sink.
+            unsafe { (producer.run)(producer.state, &sink) };
+        }
+        seen
     }
 
     #[test]
@@ -358,36 +497,74 @@ mod tests {
         assert_eq!(d.struct_size as usize, size_of::<PluginDescriptor>());
         // SAFETY: static strings.
         let (name, version) = unsafe { (d.name.as_bytes(), d.version.as_bytes()) };
-        assert_eq!((name, version), (&b"gem-plugin"[..], &b"0.1.0"[..]));
+        assert_eq!((name, version), (&b"gem-plugin"[..], &b"0.2.0"[..]));
         assert!(d.on_signal.is_some());
         // These tests catch panics, so they run with panic = "unwind".
         assert_eq!(d.panic_strategy, PANIC_UNWIND);
 
         // SAFETY: `init` takes no input; its empty answer means success.
         assert_eq!(unsafe { (d.init)() }.len, 0);
-        // SAFETY: `call` passes a valid request and a writable response.
-        let handle = |req, resp| unsafe { (d.handle)(req, resp) };
-        let (status, headers, body, _) = call(handle, b"GET", b"/x?y");
-        assert_eq!((status, body.as_slice()), (200, &b"/x?y"[..]));
-        assert!(headers.contains(&("x-method".into(), "GET".into())));
+        // SAFETY: `call` passes a valid request with valid callbacks.
+        let handle = |req| unsafe { (d.handle)(req) };
+        let seen = call(handle, b"GET", b"/x?y", vec![]);
+        assert_eq!((seen.status, seen.body.as_slice()), (200, &b"/x?y"[..]));
+        assert_eq!(seen.body_flags, 0, "an owned body is copied");
+        assert!(seen.headers.contains(&("x-method".into(), "GET".into(), 0)));
+        assert!(seen.headers.contains(&(
+            "content-type".into(),
+            "text/plain; charset=utf-8".into(),
+            FLAG_STATIC
+        )));
 
-        let (status, _, _, error) = call(handle, b"GET", b"/panic");
-        assert_eq!(status, 0);
+        let seen = call(handle, b"GET", b"/panic", vec![]);
+        let error = seen.failed.unwrap();
         assert!(error.starts_with("probe panics (at "), "{error}");
-        assert_eq!(call(handle, b"GET", b"/").0, 200);
+        assert_eq!(call(handle, b"GET", b"/", vec![]).status, 200);
 
-        let (status, _, body, _) = call(handle, b"GET", b"/\xff");
-        assert_eq!(status, 400);
-        assert_eq!(body, b"request method or target is not UTF-8\n");
+        let seen = call(handle, b"GET", b"/\xff", vec![]);
+        assert_eq!(seen.status, 400);
+        assert_eq!(seen.body, b"request method or target is not UTF-8\n");
+        assert_eq!(seen.body_flags, FLAG_STATIC);
+    }
+
+    #[test]
+    fn streams_and_chunked_bodies_cross_the_abi() {
+        let d = descriptor();
+        // SAFETY: as above.
+        assert_eq!(unsafe { (d.init)() }.len, 0);
+        // SAFETY: as above.
+        let handle = |req| unsafe { (d.handle)(req) };
+        let seen = call(handle, b"GET", b"/stream", vec![]);
+        assert_eq!(seen.written, vec![b"one".to_vec(), b"two".to_vec()]);
+        assert!(seen.failed.is_none());
+
+        let seen = call(handle, b"GET", b"/stream-panic", vec![]);
+        assert_eq!(seen.written, vec![b"one".to_vec()]);
+        let error = seen.failed.unwrap();
+        assert!(
+            error.starts_with("the stream panicked: producer panics"),
+            "{error}"
+        );
+
+        let seen = call(handle, b"POST", b"/count", vec![b"abc", b"de"]);
+        assert_eq!(seen.body, b"5 Some(127.0.0.1:4000)");
+        let asks = |target: &[u8]| {
+            let asked = std::cell::Cell::new(false);
+            // SAFETY: as above.
+            let ask = |req| asked.set(unsafe { (d.streams_body)(req) });
+            call(ask, b"POST", target, vec![]);
+            asked.get()
+        };
+        assert!(asks(b"/count"));
+        assert!(!asks(b"/echo"));
     }
 
     #[test]
     fn handle_before_init_is_an_error_not_ub() {
         static CELL: OnceLock<Probe> = OnceLock::new();
-        // SAFETY: `call` passes a valid request and a writable response.
-        let handle = |req, resp| unsafe { handle::<Probe>(&CELL, req, resp) };
-        let (status, _, _, error) = call(handle, b"GET", b"/");
-        assert_eq!(status, 0);
+        // SAFETY: `call` passes a valid request with valid callbacks.
+        let handle = |req| unsafe { handle::<Probe>(&CELL, req) };
+        let error = call(handle, b"GET", b"/", vec![]).failed.unwrap();
         assert!(error.contains("before a successful init"), "{error}");
     }
 

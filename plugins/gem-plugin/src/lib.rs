@@ -17,6 +17,53 @@
 //! gem_plugin::export_plugin!(Hello);
 //! ```
 //!
+//! A request is a view into what gem holds ([`Request`]): method, target, headers,
+//! body, and the connection's facts ([`Request::peer_addr`], [`Request::version`],
+//! [`Request::scheme`]) plus a request id. A response is a value ([`Response`]);
+//! static text in it (`&'static str`) reaches the client without a copy.
+//!
+//! Streams, both ways:
+//!
+//! ```no_run
+//! use std::io::{Read, Write};
+//! use std::time::Duration;
+//! use gem_plugin::{Plugin, Request, Response, Wait};
+//!
+//! struct Streams;
+//!
+//! impl Plugin for Streams {
+//!     fn init() -> Result<Self, String> {
+//!         Ok(Streams)
+//!     }
+//!
+//!     // Read POST /upload in chunks, of any size; other bodies come whole.
+//!     fn streams_body(&self, req: &Request<'_>) -> bool {
+//!         req.path() == "/upload"
+//!     }
+//!
+//!     fn handle(&self, req: &Request<'_>) -> Response {
+//!         match req.path() {
+//!             "/upload" => {
+//!                 let n = std::io::copy(&mut req.body_reader(), &mut std::io::sink());
+//!                 Response::text(200, format!("{n:?}"))
+//!             }
+//!             // Ten events a second until a drain begins: then a last one.
+//!             _ => Response::stream(200, |w| loop {
+//!                 w.write_all(b"data: tick\n\n")?;
+//!                 match w.wait(Duration::from_millis(100)) {
+//!                     Wait::Elapsed => {}
+//!                     Wait::Draining => return w.send(b"event: bye\ndata:\n\n"),
+//!                     Wait::Gone => return Ok(()),
+//!                 }
+//!             })
+//!             .with_header("content-type", "text/event-stream"),
+//!         }
+//!     }
+//! }
+//!
+//! gem_plugin::export_plugin!(Streams);
+//! ```
+//!
 //! Build it as a `cdylib`, with the default `panic = "unwind"`: gem refuses a plugin
 //! built with `panic = "abort"`, whose first panic would kill the server (see
 //! [`abi`](crate::abi#panics)). The SDK has no dependencies: no tokio, no hyper.
@@ -27,7 +74,9 @@ pub mod __export;
 pub mod abi;
 mod http;
 
-pub use http::{Request, Response};
+pub use http::{
+    Body, BodyReader, BodyWriter, Producer, Request, Response, Scheme, Text, Version, Wait,
+};
 
 /// A request handler loaded by gem. One instance serves every request, from many threads
 /// at once, so it must be `Sync`.
@@ -43,6 +92,15 @@ pub trait Plugin: Sized + Send + Sync + 'static {
     /// Answers one request. Blocking is allowed: gem runs handlers off its I/O threads.
     /// A panic becomes a 500 response and a log line.
     fn handle(&self, req: &Request<'_>) -> Response;
+
+    /// Called, before its body is read, for a request that has one: `true` to read the
+    /// body chunk by chunk with [`Request::body_reader`] while the client sends it
+    /// (of any size: `max_body_size` does not apply), `false` (the default) to get it
+    /// whole in [`Request::body`] (up to `max_body_size`, or gem answers 413). Only
+    /// the head is known here; [`Request::body`] is empty.
+    fn streams_body(&self, _req: &Request<'_>) -> bool {
+        false
+    }
 
     /// Called for a signal mapped to the `plugin` action (needs `HAS_SIGNAL_HOOK`).
     fn on_signal(&self, _signo: i32) {}
