@@ -147,7 +147,7 @@ fn main() -> Result<()> {
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
 
     type Scenario<'a> = (&'a str, Box<dyn Fn() -> Result<String> + 'a>);
-    let scenarios: [Scenario; 13] = [
+    let scenarios: [Scenario; 14] = [
         (
             "1. Restarts under load",
             Box::new(|| restarts_under_load(&build, &plan, workers)),
