@@ -60,6 +60,17 @@ fn https_and_h2_over_tls_serve_the_demo_plugin() {
     assert_eq!(h2.status, 200);
     assert_eq!(h2.version, http::Version::HTTP_2, "ALPN must pick h2");
 
+    // The handler learns that the request came over TLS, and on which listener.
+    let whoami = get(addr, &client_config(&[b"http/1.1"]), "/whoami").unwrap();
+    let text = whoami.text();
+    assert!(text.contains(&format!("\nlocal {addr}\n")), "{text}");
+    assert!(
+        text.ends_with("\nversion HTTP/1.1\nscheme https\n"),
+        "{text}"
+    );
+    let whoami = get(addr, &client_config(&[b"h2"]), "/whoami").unwrap();
+    assert!(whoami.text().ends_with("\nversion HTTP/2\nscheme https\n"));
+
     // Cleartext keeps working beside it.
     let plain = common::client::get(gem.addr, "/").unwrap();
     assert_eq!(plain.text(), HELLO);
