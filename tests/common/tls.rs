@@ -65,7 +65,7 @@ pub fn listen_entry(files: &CertFiles) -> String {
 /// A client configuration that trusts any certificate (tests check which one they got)
 /// and keeps sessions for resumption across connections.
 pub fn client_config(alpn: &[&[u8]]) -> Arc<ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .unwrap()
