@@ -1,7 +1,7 @@
 //! Scenario 14, TLS: gem's TLS listener side by side with nginx on the same certificate
 //! and key (ECDSA P-256, made with `openssl req`): restarts every 0.5 s under wrk over
 //! HTTPS (keep-alive and `Connection: close`), HTTP/2 over TLS with h2load through
-//! restarts, full handshakes per second, keep-alive throughput, and sessions resumed
+//! restarts, handshakes per second (`Connection: close`), keep-alive throughput, and sessions resumed
 //! across a restart (`openssl s_client -sess_out` / `-sess_in`).
 
 use std::fmt::Write as _;
