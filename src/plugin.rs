@@ -9,6 +9,7 @@ use std::ffi::c_void;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use gem_plugin::abi::{
@@ -395,8 +396,10 @@ const STACK_HEADERS: usize = 32;
 pub(crate) enum BodyIn {
     /// Read whole by the host (possibly empty).
     Whole(Bytes),
-    /// Read by the handler chunk by chunk, as the client sends it.
-    Chunks(Incoming),
+    /// Read by the handler chunk by chunk, as the client sends it; a chunk that takes
+    /// longer than the `Duration` to come (`header_read_timeout`) fails the read, so a
+    /// client that trickles its body cannot hold a blocking-pool thread for ever.
+    Chunks(Incoming, Duration),
 }
 
 /// One request on its way through a handler: the request lent as views into hyper's
@@ -419,8 +422,9 @@ struct State {
     /// The whole body, lent as `RawRequest::body` and once through `read_body`.
     whole: Bytes,
     whole_read: bool,
-    /// The body the handler reads in chunks, and the chunk lent last.
-    chunks: Option<Incoming>,
+    /// The body the handler reads in chunks, how long one chunk may take, and the
+    /// chunk lent last.
+    chunks: Option<(Incoming, Duration)>,
     chunk: Bytes,
 }
 
@@ -451,7 +455,7 @@ impl<'a> Exchange<'a> {
     ) -> Self {
         let (whole, chunks) = match body {
             BodyIn::Whole(bytes) => (bytes, None),
-            BodyIn::Chunks(incoming) => (Bytes::new(), Some(incoming)),
+            BodyIn::Chunks(incoming, patience) => (Bytes::new(), Some((incoming, patience))),
         };
         Exchange {
             head,
@@ -609,7 +613,16 @@ unsafe extern "C" fn host_add_header(ctx: *mut c_void, name: RawStr, value: RawS
     let bytes = unsafe { bytes_of(value, flags) };
     match HeaderValue::from_maybe_shared(bytes) {
         Ok(value) => {
-            state.response.headers_mut().append(name, value);
+            // `append` would panic past hyper's header map capacity (about 32k), and
+            // a panic here, inside an `extern "C"` callback, would abort the server.
+            if state
+                .response
+                .headers_mut()
+                .try_append(name, value)
+                .is_err()
+            {
+                state.invalid("too many headers".to_owned());
+            }
         }
         Err(_) => {
             // SAFETY: valid for the call.
@@ -637,7 +650,7 @@ unsafe extern "C" fn host_set_body_stream(ctx: *mut c_void, producer: RawProduce
 unsafe extern "C" fn host_read_body(ctx: *mut c_void, out: *mut RawStr) -> i32 {
     // SAFETY: as in `host_set_status`.
     let state = unsafe { state(ctx) };
-    let Some(incoming) = state.chunks.as_mut() else {
+    let Some((incoming, patience)) = state.chunks.as_mut() else {
         if state.whole_read || state.whole.is_empty() {
             return READ_END;
         }
@@ -652,10 +665,11 @@ unsafe extern "C" fn host_read_body(ctx: *mut c_void, out: *mut RawStr) -> i32 {
         return IO_ERROR;
     };
     loop {
-        match runtime.block_on(http_body_util::BodyExt::frame(incoming)) {
-            None => return READ_END,
-            Some(Err(_)) => return IO_ERROR,
-            Some(Ok(frame)) => {
+        let next = tokio::time::timeout(*patience, http_body_util::BodyExt::frame(incoming));
+        match runtime.block_on(next) {
+            Ok(None) => return READ_END,
+            Ok(Some(Err(_))) | Err(_) => return IO_ERROR,
+            Ok(Some(Ok(frame))) => {
                 let Ok(data) = frame.into_data() else {
                     continue; // trailers
                 };

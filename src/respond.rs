@@ -204,7 +204,7 @@ async fn call_handler(
     }
     // A bodiless request's `Incoming` lives until the call is over (see `may_inline`).
     let (body_in, _bodiless_incoming) = if chunked {
-        (BodyIn::Chunks(body), None)
+        (BodyIn::Chunks(body, ctx.limits.header_read_timeout), None)
     } else if bodiless {
         (BodyIn::Whole(Bytes::new()), Some(body))
     } else {

@@ -135,6 +135,32 @@ fn count_reads_a_body_far_larger_than_max_body_size_in_chunks() {
 }
 
 #[test]
+fn a_body_read_in_chunks_that_stalls_fails_the_read_at_header_read_timeout() {
+    let gem = Gem::start(Spec::new("hello", "header_read_timeout = \"1s\""));
+    let mut stream = TcpStream::connect(gem.addr).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    let started = Instant::now();
+    write!(
+        stream,
+        "POST /count HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789"
+    )
+    .unwrap();
+    // The rest of the body never comes: the handler's read fails instead of holding a
+    // thread until the client goes away.
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("reading the body failed"), "{answer}");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < DEADLINE,
+        "answered after {took:?}"
+    );
+    // The server serves on.
+    assert_eq!(get(gem.addr, "/").unwrap().status, 200);
+}
+
+#[test]
 fn events_say_bye_when_a_drain_begins_and_end_cleanly() {
     let mut gem = Gem::start(Spec::new("hello", ""));
     let mut raw = Raw::send(gem.addr, "GET", "/events?n=100000&ms=20");

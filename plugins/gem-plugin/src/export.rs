@@ -88,8 +88,9 @@ pub unsafe fn handle<T: Plugin>(cell: &'static OnceLock<T>, req: *const RawReque
 pub unsafe fn streams_body<T: Plugin>(cell: &'static OnceLock<T>, req: *const RawRequest) -> bool {
     catch_unwind(AssertUnwindSafe(|| {
         let plugin = cell.get()?;
+        let reader_taken = std::cell::Cell::new(false);
         // SAFETY: the caller's contract.
-        let req = unsafe { Request::from_raw(&*req) }?;
+        let req = unsafe { Request::from_raw(&*req, &reader_taken) }?;
         Some(plugin.streams_body(&req))
     }))
     .ok()
@@ -113,9 +114,10 @@ pub unsafe fn serve(
     let raw = unsafe { &*req };
     // SAFETY: as above.
     let host = unsafe { &*raw.host };
+    let reader_taken = std::cell::Cell::new(false);
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: as above.
-        match unsafe { Request::from_raw(raw) } {
+        match unsafe { Request::from_raw(raw, &reader_taken) } {
             Some(req) => f(&req),
             None => Ok(Response::text(
                 400,
@@ -218,7 +220,9 @@ unsafe extern "C" fn run_producer(state: *mut c_void, sink: *const RawSink) {
 #[allow(unsafe_code)]
 unsafe extern "C" fn drop_producer(state: *mut c_void) {
     // SAFETY: the caller's contract.
-    drop(unsafe { Box::from_raw(state.cast::<Producer>()) });
+    let producer = unsafe { Box::from_raw(state.cast::<Producer>()) };
+    // What the closure captured may panic as it drops; no panic may cross the ABI.
+    let _ = catch_unwind(AssertUnwindSafe(move || drop(producer)));
 }
 
 /// `on_signal`: forwards a signal to the plugin, swallowing a panic.
@@ -341,13 +345,24 @@ mod tests {
                     }
                     Response::text(200, format!("{n} {:?}", req.peer_addr()))
                 }
+                "/two-readers" => {
+                    use std::io::BufRead as _;
+                    let mut first = req.body_reader();
+                    let lent = first.fill_buf().unwrap().to_vec();
+                    // A second reader, even of a clone, may not read on from gem: the
+                    // chunk the first holds would be freed under it.
+                    let second = req.clone().body_reader().fill_buf().map(<[u8]>::len);
+                    // The first reader's chunk is still the one it was lent.
+                    let again = first.fill_buf().unwrap().to_vec();
+                    Response::text(200, format!("{lent:?} {again:?} {second:?}"))
+                }
                 _ => Response::text(200, req.target().to_owned())
                     .with_header("x-method", req.method().to_owned()),
             }
         }
 
         fn streams_body(&self, req: &Request<'_>) -> bool {
-            req.path() == "/count"
+            matches!(req.path(), "/count" | "/two-readers")
         }
     }
 
@@ -548,6 +563,13 @@ mod tests {
 
         let seen = call(handle, b"POST", b"/count", vec![b"abc", b"de"]);
         assert_eq!(seen.body, b"5 Some(127.0.0.1:4000)");
+        // This test host lends the chunks last first.
+        let seen = call(handle, b"POST", b"/two-readers", vec![b"abc", b"de"]);
+        let text = String::from_utf8(seen.body).unwrap();
+        assert!(
+            text.starts_with("[100, 101] [100, 101] Err(") && text.contains("another BodyReader"),
+            "{text}"
+        );
         let asks = |target: &[u8]| {
             let asked = std::cell::Cell::new(false);
             // SAFETY: as above.

@@ -1,6 +1,7 @@
 //! The safe request and response types that plugin authors (and in-process handlers) see.
 
 use std::borrow::Cow;
+use std::cell::Cell;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -112,6 +113,10 @@ pub struct Request<'a> {
     id: u64,
     /// The host's request, for reading a streamed body.
     raw: Option<&'a RawRequest>,
+    /// Set once a [`BodyReader`] reads from the host: a chunk the host lends is valid
+    /// only until its next read, so a second reader (of this request or a clone) could
+    /// read past the first one's chunk. Shared by the clones of one request.
+    reader_taken: Option<&'a Cell<bool>>,
 }
 
 impl fmt::Debug for Request<'_> {
@@ -147,6 +152,7 @@ impl<'a> Request<'a> {
             local: None,
             id: 0,
             raw: None,
+            reader_taken: None,
         }
     }
 
@@ -173,9 +179,12 @@ impl<'a> Request<'a> {
     /// # Safety
     ///
     /// Every pointer in `raw` must be valid for `'a`, as the ABI promises for the
-    /// duration of a `handle` call.
+    /// duration of a `handle` call. `reader_taken` starts `false`, one per call.
     #[allow(unsafe_code)]
-    pub(crate) unsafe fn from_raw(raw: &'a RawRequest) -> Option<Self> {
+    pub(crate) unsafe fn from_raw(
+        raw: &'a RawRequest,
+        reader_taken: &'a Cell<bool>,
+    ) -> Option<Self> {
         // SAFETY: the caller guarantees the strings are valid for 'a.
         let (method, target, body) = unsafe {
             (
@@ -203,6 +212,7 @@ impl<'a> Request<'a> {
             local: raw.local.to_socket_addr(),
             id: raw.request_id,
             raw: Some(raw),
+            reader_taken: Some(reader_taken),
         })
     }
 
@@ -267,15 +277,22 @@ impl<'a> Request<'a> {
     /// The body as a reader: chunk by chunk as the client sends it, when
     /// [`Plugin::streams_body`](crate::Plugin::streams_body) asked for that, otherwise
     /// the whole body at once. Also a [`BufRead`](io::BufRead), whose `fill_buf` lends
-    /// each chunk without a copy.
+    /// each chunk without a copy. One reader per request reads from gem: a second one
+    /// (also of a clone of the request) fails its first read.
     pub fn body_reader(&self) -> BodyReader<'a> {
+        let second = match (self.raw, self.reader_taken) {
+            (Some(_), Some(taken)) => taken.replace(true),
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
         BodyReader {
-            raw: self.raw,
+            raw: self.raw.filter(|_| !second),
             chunk: match self.raw {
                 Some(_) => &[],
                 None => self.body,
             },
-            ended: false,
+            ended: second,
+            second,
         }
     }
 
@@ -312,6 +329,8 @@ pub struct BodyReader<'a> {
     /// What is left of the current chunk.
     chunk: &'a [u8],
     ended: bool,
+    /// Another reader of this request reads from gem: this one may not.
+    second: bool,
 }
 
 impl BodyReader<'_> {
@@ -328,6 +347,11 @@ impl BodyReader<'_> {
 impl io::BufRead for BodyReader<'_> {
     #[allow(unsafe_code)]
     fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        if self.second {
+            return Err(io::Error::other(
+                "the request body is already read by another BodyReader of this request",
+            ));
+        }
         while self.chunk.is_empty() && !self.ended {
             let Some(raw) = self.raw else {
                 self.ended = true;
