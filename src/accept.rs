@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::fmt::Display;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -161,14 +162,28 @@ impl Backoff {
         Fut: std::future::Future<Output = io::Result<T>>,
     {
         loop {
-            let accepted = tokio::select! {
-                biased;
-                () = stop.cancelled() => return None,
-                () = until(self.settles_at()) => {
-                    self.settle();
-                    continue;
+            let mut next = std::pin::pin!(accept());
+            let mut at_once = None;
+            if self.trouble.is_some_and(|t| t.working_since.is_none()) {
+                // After a failure, an accept that finds nothing waiting (rather than
+                // failing again) means accepting works: counting only accepted
+                // connections would leave the trouble open until the next client.
+                match std::future::poll_fn(|cx| Poll::Ready(next.as_mut().poll(cx))).await {
+                    Poll::Ready(accepted) => at_once = Some(accepted),
+                    Poll::Pending => self.succeeded(),
                 }
-                accepted = accept() => accepted,
+            }
+            let accepted = match at_once {
+                Some(accepted) => accepted,
+                None => tokio::select! {
+                    biased;
+                    () = stop.cancelled() => return None,
+                    () = until(self.settles_at()) => {
+                        self.settle();
+                        continue;
+                    }
+                    accepted = next.as_mut() => accepted,
+                },
             };
             match accepted {
                 Ok(conn) => {
@@ -310,6 +325,34 @@ mod tests {
             (FIRST_DELAY, true),
             "a new run starts afresh"
         );
+    }
+
+    #[tokio::test]
+    async fn trouble_ends_when_nothing_waits_after_a_failure() {
+        // One accept fails for lack of fds; after the pause nothing is waiting (the
+        // connection went elsewhere). That is accepting working again: the trouble
+        // must end without another client having to come.
+        let stop = CancellationToken::new();
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let mut backoff = Backoff::new("127.0.0.1:1");
+        let accept = || {
+            let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let stop = stop.clone();
+            async move {
+                match n {
+                    0 => Err::<(), _>(io::Error::from_raw_os_error(libc::EMFILE)),
+                    1 => std::future::pending().await,
+                    // Called again only once the trouble has settled.
+                    _ => {
+                        stop.cancel();
+                        std::future::pending().await
+                    }
+                }
+            }
+        };
+        let done = tokio::time::timeout(Duration::from_secs(10), backoff.accept(&stop, accept));
+        assert!(matches!(done.await, Ok(None)), "the trouble never ended");
+        assert!(backoff.trouble.is_none());
     }
 
     #[test]
