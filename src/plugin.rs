@@ -208,6 +208,15 @@ pub(crate) fn sha256_of(mut copy: std::fs::File) -> std::io::Result<String> {
         .collect())
 }
 
+/// The seals that make a memfd immutable for good: no shrinking, growing or writing,
+/// and no change to the seals.
+pub(crate) const SEALS: [memfd::FileSeal; 4] = [
+    memfd::FileSeal::SealShrink,
+    memfd::FileSeal::SealGrow,
+    memfd::FileSeal::SealWrite,
+    memfd::FileSeal::SealSeal,
+];
+
 /// A sealed in-memory copy of the bytes at `source` (the plugin `path`): nothing can
 /// change it any more, whatever happens to the user's file. The kernel copies the bytes.
 /// A supervisor keeps one per generation, to start a replacement from the very bytes
@@ -233,12 +242,7 @@ pub(crate) fn sealed_copy(path: &Path, source: &Path) -> Result<memfd::Memfd, Pl
     let memfd = memfd::Memfd::try_from_file(file)
         .map_err(|_| copy_err("the copy is not a memfd".into()))?;
     memfd
-        .add_seals(&[
-            memfd::FileSeal::SealShrink,
-            memfd::FileSeal::SealGrow,
-            memfd::FileSeal::SealWrite,
-            memfd::FileSeal::SealSeal,
-        ])
+        .add_seals(&SEALS)
         .map_err(|e| copy_err(e.to_string()))?;
     Ok(memfd)
 }

@@ -387,12 +387,7 @@ pub(crate) fn sealed_ticket_keys() -> std::io::Result<std::os::fd::OwnedFd> {
         .map_err(std::io::Error::other)?;
     memfd.as_file().write_all(&ticket_keys().export())?;
     memfd
-        .add_seals(&[
-            memfd::FileSeal::SealShrink,
-            memfd::FileSeal::SealGrow,
-            memfd::FileSeal::SealWrite,
-            memfd::FileSeal::SealSeal,
-        ])
+        .add_seals(&crate::plugin::SEALS)
         .map_err(std::io::Error::other)?;
     Ok(memfd.into_file().into())
 }
