@@ -210,11 +210,36 @@ impl Gem {
     /// Starts gem in `mode`; with a mode set, its log (`RUST_LOG=info`) goes to `gem.log`
     /// in its directory.
     pub fn start_with(build: &Build, mode: Mode) -> Result<Gem> {
-        let dir = tempfile::tempdir()?;
         let port = free_port()?;
+        let mut gem = Gem::spawn(build, mode, port, &format!("\"127.0.0.1:{port}\""))?;
+        if let Err(e) = wait_serving(gem.addr, HELLO) {
+            let _ = gem.stop();
+            return Err(e.context(format!("gem ({}) did not start", mode.name())));
+        }
+        Ok(gem)
+    }
+
+    /// Starts gem (not supervised) with one TLS listener on `cert` and `key`; `addr` is
+    /// that listener.
+    pub fn start_tls(build: &Build, cert: &Path, key: &Path) -> Result<Gem> {
+        let port = free_port()?;
+        let listen =
+            format!("{{ addr = \"127.0.0.1:{port}\", tls_cert = {cert:?}, tls_key = {key:?} }}");
+        let mut gem = Gem::spawn(build, Mode::default(), port, &listen)?;
+        if let Err(e) = wait_port(gem.addr) {
+            let _ = gem.stop();
+            return Err(e.context("gem (TLS) did not start"));
+        }
+        Ok(gem)
+    }
+
+    /// Starts gem in `mode` listening on `listen` (a `listen` entry for 127.0.0.1:`port`),
+    /// without waiting for it.
+    fn spawn(build: &Build, mode: Mode, port: u16, listen: &str) -> Result<Gem> {
+        let dir = tempfile::tempdir()?;
         let so = dir.path().join("handler.so");
         std::fs::copy(&build.hello_so, &so)?;
-        let mut toml = format!("listen = [\"127.0.0.1:{port}\"]\nhandler = {so:?}\n");
+        let mut toml = format!("listen = [{listen}]\nhandler = {so:?}\n");
         if let Some(p) = mode.probation {
             toml.push_str(&format!("probation = {p:?}\n"));
         }
@@ -234,23 +259,17 @@ impl Gem {
             cmd.env("RUST_LOG", "warn").stderr(Stdio::null());
         }
         let child = cmd.spawn().context("starting gem")?;
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-        let mut gem = Gem {
+        Ok(Gem {
             child,
             dir,
-            addr,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
             so,
             build: build.clone(),
             mode,
             restarted: None,
             staged_generation: None,
             stopped: false,
-        };
-        if let Err(e) = wait_serving(addr, HELLO) {
-            let _ = gem.stop();
-            return Err(e.context(format!("gem ({}) did not start", mode.name())));
-        }
-        Ok(gem)
+        })
     }
 
     /// The pid in the pid file: the serving generation's, or the supervisor's.

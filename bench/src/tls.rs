@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::peers::{Build, HELLO, Peer, alive, free_port, signal, wait_port};
+use crate::peers::{Build, Gem, HELLO, Peer, free_port, signal, wait_port};
 use crate::tools::{H2load, Wrk};
 use crate::{Plan, verdict, with_restarts};
 
@@ -49,120 +49,6 @@ fn make_cert() -> Result<Cert> {
         cert,
         key,
     })
-}
-
-/// gem with one TLS listener, restarted by a new .so plus SIGHUP.
-struct TlsGem {
-    child: Child,
-    dir: tempfile::TempDir,
-    addr: SocketAddr,
-    so: PathBuf,
-    build: Build,
-    restarted: Option<u32>,
-}
-
-impl TlsGem {
-    fn start(build: &Build, cert: &Cert) -> Result<TlsGem> {
-        let dir = tempfile::tempdir()?;
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let so = dir.path().join("handler.so");
-        std::fs::copy(&build.hello_so, &so)?;
-        let toml = format!(
-            "listen = [{{ addr = \"{addr}\", tls_cert = {:?}, tls_key = {:?} }}]\nhandler = {so:?}\n",
-            cert.cert, cert.key
-        );
-        std::fs::write(dir.path().join("gem.toml"), toml)?;
-        let child = Command::new(&build.gem)
-            .arg("serve")
-            .current_dir(dir.path())
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting gem")?;
-        let gem = TlsGem {
-            child,
-            dir,
-            addr,
-            so,
-            build: build.clone(),
-            restarted: None,
-        };
-        wait_port(addr)?;
-        Ok(gem)
-    }
-
-    fn pid(&self) -> Result<u32> {
-        let text = std::fs::read_to_string(self.dir.path().join("gem.pid"))?;
-        Ok(text.trim().parse()?)
-    }
-}
-
-impl Peer for TlsGem {
-    fn name(&self) -> &'static str {
-        "gem"
-    }
-
-    fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    fn stage(&mut self, body: &str) -> Result<()> {
-        let from = if body == HELLO {
-            &self.build.hello_so
-        } else {
-            &self.build.upgraded_so
-        };
-        let tmp = self.so.with_extension("new");
-        std::fs::copy(from, &tmp)?;
-        std::fs::rename(&tmp, &self.so)?;
-        Ok(())
-    }
-
-    fn signal_restart(&mut self) -> Result<()> {
-        let pid = self.pid()?;
-        self.restarted = Some(pid);
-        signal(pid, "HUP")
-    }
-
-    fn settle(&mut self) -> Result<()> {
-        let Some(old) = self.restarted else {
-            return Ok(());
-        };
-        let start = Instant::now();
-        while self.pid().ok() == Some(old) || self.pid().is_err() {
-            if start.elapsed() > Duration::from_secs(30) {
-                bail!("gem did not hand over within 30s");
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        Ok(())
-    }
-
-    fn stop(&mut self) -> Result<()> {
-        if let Ok(pid) = self.pid()
-            && alive(pid)
-        {
-            let _ = signal(pid, "TERM");
-        }
-        let start = Instant::now();
-        while self.dir.path().join("gem.pid").exists() && start.elapsed() < Duration::from_secs(30)
-        {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        if let Ok(None) = self.child.try_wait() {
-            let _ = signal(self.child.id(), "TERM");
-        }
-        let _ = self.child.wait();
-        Ok(())
-    }
-}
-
-impl Drop for TlsGem {
-    fn drop(&mut self) {
-        let _ = self.stop();
-    }
 }
 
 /// nginx with `listen ... ssl http2` (the form nginx 1.22 takes) on the same certificate.
@@ -356,7 +242,7 @@ pub fn scenario(build: &Build, plan: &Plan, workers: usize) -> Result<String> {
         } else {
             "keep-alive"
         };
-        let mut gem = TlsGem::start(build, &cert)?;
+        let mut gem = Gem::start_tls(build, &cert.cert, &cert.key)?;
         let (g, sent) = with_restarts(&mut gem, plan.load, move |a, d| wrk_https(a, d, close))?;
         gem.stop()?;
         gem_errors += g.errors();
@@ -377,7 +263,7 @@ pub fn scenario(build: &Build, plan: &Plan, workers: usize) -> Result<String> {
         verdict(gem_errors == 0, || format!("{gem_errors} errors"))
     );
 
-    let mut gem = TlsGem::start(build, &cert)?;
+    let mut gem = Gem::start_tls(build, &cert.cert, &cert.key)?;
     let (g, sent) = with_restarts(&mut gem, plan.h2, h2load_https)?;
     gem.stop()?;
     let mut nginx = TlsNginx::start(workers, &cert)?;
@@ -412,8 +298,8 @@ pub fn scenario(build: &Build, plan: &Plan, workers: usize) -> Result<String> {
         plan.throughput.as_secs()
     );
     for (close, target) in [(true, 1.0), (false, 0.95)] {
-        let gem = TlsGem::start(build, &cert)?;
-        let g = wrk_https(gem.addr, plan.throughput, close)?;
+        let gem = Gem::start_tls(build, &cert.cert, &cert.key)?;
+        let g = wrk_https(gem.addr(), plan.throughput, close)?;
         drop(gem);
         let nginx = TlsNginx::start(workers, &cert)?;
         let n = wrk_https(nginx.addr, plan.throughput, close)?;
@@ -435,7 +321,7 @@ pub fn scenario(build: &Build, plan: &Plan, workers: usize) -> Result<String> {
 
     let sessions = if plan.quick { 20 } else { 100 };
     let dir = tempfile::tempdir()?;
-    let mut gem = TlsGem::start(build, &cert)?;
+    let mut gem = Gem::start_tls(build, &cert.cert, &cert.key)?;
     let g = resumption(&mut gem, dir.path(), sessions)?;
     gem.stop()?;
     let mut nginx = TlsNginx::start(workers, &cert)?;
