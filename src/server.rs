@@ -141,13 +141,13 @@ pub async fn accept_loop(
     tracker: TaskTracker,
 ) {
     let stop = ctx.drain.stop_accepting().clone();
-    let mut backoff = Backoff::new(
-        listener
-            .local_addr()
-            .map_or_else(|_| "a listener".into(), |a| a.to_string()),
-    );
+    let bound = listener.local_addr().ok();
+    let mut backoff = Backoff::new(bound.map_or_else(|| "a listener".into(), |a| a.to_string()));
+    // A listener bound to one address is every connection's local address; only a
+    // wildcard one needs asking, connection by connection.
+    let fixed = bound.filter(|a| !a.ip().is_unspecified());
     while let Some((stream, peer)) = backoff.accept(&stop, || listener.accept()).await {
-        let Ok(local) = stream.local_addr() else {
+        let Some(local) = fixed.or_else(|| stream.local_addr().ok()) else {
             continue;
         };
         let facts = ConnFacts {
