@@ -1,5 +1,12 @@
-//! The open client connections of a generation: how many there are, and a way to shut
-//! them all down from outside when a drain cuts them at `wait_timeout`.
+//! The open client connections of a generation: how many there are, a way to shut
+//! them all down from outside when a drain cuts them at `wait_timeout`, and the
+//! `header_read_timeout` on each (a slowloris guard).
+//!
+//! The request-head deadline is kept here rather than by hyper: hyper's own timer boxes
+//! a new sleep and takes the timer wheel's lock twice for every request. Here a request
+//! costs two stores to its connection's deadline (cleared when its head has arrived,
+//! set again once its response is sent), and one task per generation looks over the
+//! deadlines a few times a second and shuts down the sockets past theirs.
 //!
 //! A connection task stuck in a handler running on its worker thread cannot see the
 //! cut, so the drain shuts its socket down under it. The registry holds a [`Weak`]
@@ -10,11 +17,14 @@ use std::collections::HashMap;
 use std::io::{self, IoSlice};
 use std::net::Shutdown;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
+use tracing::debug;
 
 /// The sockets of the open client connections. Only [`TrackedStream`]s are in here,
 /// each until it drops.
@@ -25,10 +35,72 @@ pub struct OpenSockets {
 
 /// The tracked sockets by id; an id is never reused, so a late removal cannot hit a
 /// newer socket.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Registry {
     next: u64,
-    sockets: HashMap<u64, Weak<TcpStream>>,
+    sockets: HashMap<u64, Weak<Socket>>,
+    /// What a socket's deadlines count from.
+    base: Instant,
+    /// `header_read_timeout` in milliseconds, once [`OpenSockets::limit_heads`] set it.
+    head_limit_ms: Option<u64>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            next: 0,
+            sockets: HashMap::new(),
+            base: Instant::now(),
+            head_limit_ms: None,
+        }
+    }
+}
+
+/// A client connection's socket and the time its next request head is due by.
+#[derive(Debug)]
+struct Socket {
+    stream: TcpStream,
+    /// Milliseconds after `base` by which the next request head must have arrived;
+    /// [`NOT_DUE`] while a request is being answered (or on HTTP/2).
+    head_due: AtomicU64,
+    base: Instant,
+    /// `header_read_timeout` in milliseconds; `None` for no limit.
+    head_limit_ms: Option<u64>,
+}
+
+/// No request head is awaited.
+const NOT_DUE: u64 = u64::MAX;
+
+impl Socket {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(NOT_DUE - 1)
+    }
+
+    /// From now on, a request head is awaited.
+    fn await_head(&self) {
+        if let Some(limit) = self.head_limit_ms {
+            let due = self.now_ms().saturating_add(limit).min(NOT_DUE - 1);
+            self.head_due.store(due, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A connection's request-head deadline, as its serving code sees it. See the module
+/// documentation.
+#[derive(Debug, Clone)]
+pub struct HeadDeadline(Arc<Socket>);
+
+impl HeadDeadline {
+    /// A request head has arrived: no deadline while it is answered.
+    pub fn head_arrived(&self) {
+        self.0.head_due.store(NOT_DUE, Ordering::Relaxed);
+    }
+
+    /// A response has been sent: the next request head is due within
+    /// `header_read_timeout`.
+    pub fn response_sent(&self) {
+        self.0.await_head();
+    }
 }
 
 impl OpenSockets {
@@ -36,18 +108,42 @@ impl OpenSockets {
         self.registry.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Tracks `stream` for as long as the returned wrapper lives.
+    /// Tracks `stream` for as long as the returned wrapper lives. Its first request
+    /// head is due within `header_read_timeout` from now.
     pub fn track(&self, stream: TcpStream) -> TrackedStream {
-        let stream = Arc::new(stream);
         let mut registry = self.lock();
+        let socket = Arc::new(Socket {
+            stream,
+            head_due: AtomicU64::new(NOT_DUE),
+            base: registry.base,
+            head_limit_ms: registry.head_limit_ms,
+        });
+        socket.await_head();
         let id = registry.next;
         registry.next += 1;
-        registry.sockets.insert(id, Arc::downgrade(&stream));
+        registry.sockets.insert(id, Arc::downgrade(&socket));
+        drop(registry);
         TrackedStream {
             id,
             sockets: self.clone(),
-            stream,
+            stream: socket,
         }
+    }
+
+    /// Closes the connections whose next request head is `limit` late: it must arrive
+    /// within `limit` of the connection's start or of its last response. Takes effect
+    /// for the connections tracked from now on; a task on the current runtime (if
+    /// any) looks a few times a second, and ends once these sockets are gone.
+    pub fn limit_heads(&self, limit: Duration) {
+        let limit_ms = u64::try_from(limit.as_millis())
+            .unwrap_or(NOT_DUE - 1)
+            .max(1);
+        self.lock().head_limit_ms = Some(limit_ms);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let tick = (limit / 8).clamp(Duration::from_millis(10), Duration::from_millis(250));
+        runtime.spawn(sweep(Arc::downgrade(&self.registry), tick));
     }
 
     /// How many sockets are tracked.
@@ -57,7 +153,7 @@ impl OpenSockets {
 
     /// Shuts down both directions of every tracked socket; returns how many.
     pub fn shutdown_all(&self) -> usize {
-        let open: Vec<Arc<TcpStream>> = self
+        let open: Vec<Arc<Socket>> = self
             .lock()
             .sockets
             .values()
@@ -65,9 +161,40 @@ impl OpenSockets {
             .collect();
         for stream in &open {
             // Fails only for a socket the peer already closed: nothing left to do.
-            let _ = socket2::SockRef::from(&**stream).shutdown(Shutdown::Both);
+            let _ = socket2::SockRef::from(&stream.stream).shutdown(Shutdown::Both);
         }
         open.len()
+    }
+}
+
+/// Every `tick`, shuts down the sockets whose request head is overdue, until the
+/// registry is gone.
+async fn sweep(registry: Weak<Mutex<Registry>>, tick: Duration) {
+    let mut ticks = tokio::time::interval(tick);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        ticks.tick().await;
+        let Some(registry) = registry.upgrade() else {
+            return;
+        };
+        let late: Vec<Arc<Socket>> = {
+            let registry = registry.lock().unwrap_or_else(PoisonError::into_inner);
+            let now = u64::try_from(registry.base.elapsed().as_millis()).unwrap_or(NOT_DUE - 1);
+            registry
+                .sockets
+                .values()
+                .filter_map(Weak::upgrade)
+                .filter(|s| s.head_due.load(Ordering::Relaxed) < now)
+                .collect()
+        };
+        drop(registry);
+        for socket in late {
+            // Only once: whatever comes of the shutdown, this head is not awaited again.
+            socket.head_due.store(NOT_DUE, Ordering::Relaxed);
+            let peer = socket.stream.peer_addr().ok();
+            debug!(?peer, "no request head within header_read_timeout: closed");
+            let _ = socket2::SockRef::from(&socket.stream).shutdown(Shutdown::Both);
+        }
     }
 }
 
@@ -76,8 +203,15 @@ impl OpenSockets {
 pub struct TrackedStream {
     id: u64,
     sockets: OpenSockets,
-    /// Shared only with a running [`OpenSockets::shutdown_all`].
-    stream: Arc<TcpStream>,
+    /// Shared with its [`HeadDeadline`]s and a running shutdown.
+    stream: Arc<Socket>,
+}
+
+impl TrackedStream {
+    /// This connection's request-head deadline.
+    pub fn head_deadline(&self) -> HeadDeadline {
+        HeadDeadline(self.stream.clone())
+    }
 }
 
 impl Drop for TrackedStream {
@@ -92,7 +226,7 @@ impl AsyncRead for TrackedStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let stream = &*self.stream;
+        let stream = &self.stream.stream;
         loop {
             ready!(stream.poll_read_ready(cx))?;
             let wanted = buf.remaining();
@@ -124,7 +258,7 @@ impl AsyncWrite for TrackedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let stream = &*self.stream;
+        let stream = &self.stream.stream;
         loop {
             ready!(stream.poll_write_ready(cx))?;
             match stream.try_write(buf) {
@@ -139,7 +273,7 @@ impl AsyncWrite for TrackedStream {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let stream = &*self.stream;
+        let stream = &self.stream.stream;
         loop {
             ready!(stream.poll_write_ready(cx))?;
             match stream.try_write_vectored(bufs) {
@@ -160,7 +294,7 @@ impl AsyncWrite for TrackedStream {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(socket2::SockRef::from(&*self.stream).shutdown(Shutdown::Write))
+        Poll::Ready(socket2::SockRef::from(&self.stream.stream).shutdown(Shutdown::Write))
     }
 }
 

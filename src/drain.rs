@@ -68,6 +68,8 @@ const CUT_GRACE: Duration = Duration::from_millis(100);
 pub struct Draining<'a> {
     inner: &'a Inner,
     registered: Option<(u64, Arc<AtomicWaker>)>,
+    /// The waker registered last.
+    known: Option<std::task::Waker>,
 }
 
 impl Future for Draining<'_> {
@@ -79,7 +81,12 @@ impl Future for Draining<'_> {
             return Poll::Ready(());
         }
         match &this.registered {
-            Some((_, waker)) => waker.register(cx.waker()),
+            // A task's waker stays the same from poll to poll: registered already.
+            Some(_) if this.known.as_ref().is_some_and(|w| w.will_wake(cx.waker())) => {}
+            Some((_, waker)) => {
+                waker.register(cx.waker());
+                this.known = Some(cx.waker().clone());
+            }
             None => {
                 let waker = Arc::new(AtomicWaker::new());
                 waker.register(cx.waker());
@@ -88,6 +95,7 @@ impl Future for Draining<'_> {
                 waiters.insert(id, waker.clone());
                 drop(waiters);
                 this.registered = Some((id, waker));
+                this.known = Some(cx.waker().clone());
             }
         }
         // `begin` sets the flag before it wakes the registered: seen now, or woken.
@@ -191,6 +199,7 @@ impl DrainSignal {
         Draining {
             inner: &self.inner,
             registered: None,
+            known: None,
         }
     }
 
@@ -237,6 +246,12 @@ impl DrainSignal {
     /// the cut can shut it down from outside.
     pub fn track(&self, stream: tokio::net::TcpStream) -> TrackedStream {
         self.inner.sockets.track(stream)
+    }
+
+    /// Closes the connections whose next request head is `limit` late (see
+    /// [`OpenSockets::limit_heads`]).
+    pub fn limit_heads(&self, limit: Duration) {
+        self.inner.sockets.limit_heads(limit);
     }
 
     /// Requests in flight right now.

@@ -11,28 +11,38 @@
 //!
 //! A handler blocking a worker thread holds up two things. The tasks queued on that
 //! worker: at most `workers - 1` calls run inline at once, so another worker is always
-//! left to steal them; a call that finds no free slot goes to the blocking pool. And
-//! tokio's I/O driver: the other workers may all be asleep, and tokio wakes one only
-//! when a queue holds more than one task. A watchdog thread covers that: when an inline
-//! call is still running a tick after it was first seen, it spawns an empty task from
-//! outside the runtime, which wakes a sleeping worker; that worker steals what was
-//! queued behind the call and then polls the driver while the call goes on. The
-//! watchdog sleeps with no deadline until the first inline call and again whenever
-//! they stop for a while.
+//! left to steal them. And tokio's I/O driver: the other workers may all be asleep, and
+//! tokio wakes one only when a queue holds more than one task. A watchdog thread covers
+//! that: when an inline call is still running a tick after it was first seen, it spawns
+//! an empty task from outside the runtime, which wakes a sleeping worker; that worker
+//! steals what was queued behind the call and then polls the driver while the call goes
+//! on. The watchdog sleeps with no deadline until the first inline call and again
+//! whenever they stop for a while.
 //!
-//! A call that finds every slot taken first spins for up to 10 µs for one to come free
-//! (a fast handler's call takes a microsecond or two), which saves most of the thread
-//! hops to the blocking pool that such collisions used to cost.
+//! What a call costs here is what decides gem's throughput against a plain hyper server,
+//! so it touches no line another thread writes: each thread marks its calls on a cache
+//! line of its own (odd while one runs), and counts the others' marks to keep to the
+//! limit. A call that finds no free place first spins for up to 10 µs for one (a fast
+//! handler's call takes a microsecond or two). If none comes free, its request leaves
+//! the worker's fast path and waits: the worker serves its other connections, and the
+//! next call to end wakes the waiting one on its own worker, where it runs inline. Only
+//! a call waiting behind one that has run a whole watchdog tick goes to the blocking
+//! pool.
 //!
-//! Tried and dropped: `block_in_place` for calls that find no free slot (it hands the
+//! Tried and dropped: `block_in_place` for calls that find no free place (it hands the
 //! worker to a new thread every time; under load the process grew to 50-90 threads and
-//! 14 MiB), and yielding once before giving up on a slot (a yielded task can only come
-//! back on the same worker, possibly behind the next inline call).
+//! 14 MiB); yielding once before giving up on a place (a yielded task can only come back
+//! on the same worker, possibly behind the next inline call); sending every call that
+//! found no place to the blocking pool (on two workers, one call in a few collides,
+//! and the thread hops cost about 5 % of throughput); and one shared slot table (its
+//! cache line moved between the workers on every call).
 //!
 //! [`Handler::runs_inline`]: crate::handler::Handler::runs_inline
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::{Context, Poll, Waker};
 use std::thread::Thread;
 use std::time::Duration;
 
@@ -59,12 +69,23 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// How often the watchdog looks, and so about how long I/O can wait behind a slow
 /// inline call while every other worker sleeps.
 const TICK: Duration = Duration::from_millis(1);
-/// How long a call that finds every inline slot taken waits for one before it goes to
-/// the blocking pool: a few times a fast handler's call, a fraction of a thread hop.
+/// How long a call that finds every inline place taken waits for one before it goes
+/// to the blocking pool: a few times a fast handler's call, a fraction of a thread hop.
 const SPIN: Duration = Duration::from_micros(10);
 /// Quiet ticks (no inline call running or starting) before the watchdog sleeps until
 /// the next inline call.
 const QUIET_TICKS: u32 = 50;
+/// Threads that may run calls inline for one runner: more than any runtime has
+/// workers. A thread past them sends its calls to the blocking pool.
+const MARKS: usize = 64;
+
+/// Numbers runners, so a thread's cached mark index is never taken for another's.
+static RUNNERS: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// This thread's mark: (the runner's number, its index there).
+    static MINE: Cell<(u64, usize)> = const { Cell::new((0, 0)) };
+}
 
 /// Runs handler calls for one generation. See the module documentation.
 #[derive(Debug)]
@@ -76,45 +97,84 @@ pub(crate) struct Runner {
 
 #[derive(Debug)]
 struct State {
-    /// One per inline slot: 0 while free, else the number of the call in it.
-    slots: Box<[AtomicU64]>,
-    /// Inline calls started so far; numbers calls from 1.
-    started: AtomicU64,
+    /// This runner's number (`RUNNERS`).
+    id: u64,
+    /// One per thread that has made an inline call, on a cache line of its own: each
+    /// is written only by its thread, so marking a call touches no shared line.
+    marks: Box<[Mark]>,
+    /// `marks[..claimed]` belong to threads.
+    claimed: AtomicUsize,
+    /// How many calls may run inline at once: one worker is always left free.
+    limit: usize,
     /// Set while the watchdog is parked with no deadline (so at first).
     asleep: AtomicBool,
+    /// Calls waiting for a free place ([`Runner::run`]), all woken when a call ends.
+    waiters: Mutex<Vec<Waker>>,
+    /// `waiters.len()`, to be read without the lock.
+    waiting: AtomicUsize,
+    /// Set by the watchdog while an inline call has run a whole tick: the waiting
+    /// calls then go to the blocking pool.
+    stuck: AtomicBool,
 }
 
+/// A thread's inline calls: odd while one runs. Each call adds two, so the watchdog
+/// tells a call that ran a whole tick from a new one.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Mark(AtomicU64);
+
 impl State {
-    fn free_slot(&self) -> Option<&AtomicU64> {
-        self.slots.iter().find(|s| s.load(Ordering::Relaxed) == 0)
-    }
-
-    /// Every slot is taken: waits a few microseconds for one to come free, which a
-    /// fast handler's does, rather than pay the blocking pool's two thread hops.
-    fn spin_for_slot(&self) -> Option<&AtomicU64> {
-        if self.slots.is_empty() {
-            return None;
-        }
-        let deadline = std::time::Instant::now() + SPIN;
-        loop {
-            for _ in 0..64 {
-                std::hint::spin_loop();
-            }
-            if let Some(free) = self.free_slot() {
-                return Some(free);
-            }
-            if std::time::Instant::now() >= deadline {
-                return None;
-            }
-        }
-    }
-
-    fn with_slots(n: usize) -> Self {
+    fn new(limit: usize) -> Self {
         State {
-            slots: (0..n).map(|_| AtomicU64::new(0)).collect(),
-            started: AtomicU64::new(0),
+            id: RUNNERS.fetch_add(1, Ordering::Relaxed),
+            marks: (0..if limit == 0 { 0 } else { MARKS })
+                .map(|_| Mark::default())
+                .collect(),
+            claimed: AtomicUsize::new(0),
+            limit,
             asleep: AtomicBool::new(true),
+            waiters: Mutex::default(),
+            waiting: AtomicUsize::new(0),
+            stuck: AtomicBool::new(false),
         }
+    }
+
+    fn waiters(&self) -> MutexGuard<'_, Vec<Waker>> {
+        self.waiters.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Wakes every waiting call, to look for a place again.
+    fn wake_waiters(&self) {
+        let woken = {
+            let mut waiters = self.waiters();
+            self.waiting.store(0, Ordering::SeqCst);
+            std::mem::take(&mut *waiters)
+        };
+        woken.into_iter().for_each(Waker::wake);
+    }
+
+    fn in_use(&self) -> &[Mark] {
+        let n = self.claimed.load(Ordering::Acquire).min(self.marks.len());
+        &self.marks[..n]
+    }
+
+    /// This thread's mark, claimed on its first call (`None` once all are claimed).
+    fn mine(&self) -> Option<&Mark> {
+        let (runner, index) = MINE.get();
+        if runner == self.id {
+            return self.marks.get(index);
+        }
+        let index = self.claimed.fetch_add(1, Ordering::AcqRel);
+        MINE.set((self.id, index));
+        self.marks.get(index)
+    }
+
+    /// Inline calls running on threads other than the one with `mine`.
+    fn others_running(&self, mine: &Mark) -> usize {
+        self.in_use()
+            .iter()
+            .filter(|m| !std::ptr::eq(*m, mine) && m.0.load(Ordering::SeqCst) & 1 == 1)
+            .count()
     }
 }
 
@@ -125,13 +185,13 @@ impl Runner {
         let handle = Handle::try_current()
             .ok()
             .filter(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread);
-        let slots = handle
+        let limit = handle
             .as_ref()
             .map_or(0, |h| h.metrics().num_workers().saturating_sub(1));
-        let Some(handle) = handle.filter(|_| slots > 0) else {
+        let Some(handle) = handle.filter(|_| limit > 0) else {
             return Runner::blocking_only();
         };
-        let state = Arc::new(State::with_slots(slots));
+        let state = Arc::new(State::new(limit));
         let weak = Arc::downgrade(&state);
         match std::thread::Builder::new()
             .name("gem-inline-watchdog".into())
@@ -150,32 +210,69 @@ impl Runner {
 
     fn blocking_only() -> Self {
         Runner {
-            state: Arc::new(State::with_slots(0)),
+            state: Arc::new(State::new(0)),
             watchdog: None,
         }
     }
 
-    /// Runs `call` right here if an inline slot is free (`None` if not). Unlike
-    /// [`Runner::run`], `call` may borrow. A panic becomes `Err` with its message.
+    /// Runs `call` right here if an inline place is free (`None` if not). Unlike
+    /// [`Runner::run_blocking`], `call` may borrow. A panic becomes `Err` with its
+    /// message.
     pub(crate) fn try_inline<T>(&self, call: impl FnOnce() -> T) -> Option<Result<T, String>> {
-        let _slot = self.try_take()?;
+        let _running = self.enter(SPIN)?;
         Some(
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(call))
                 .map_err(|payload| panic_message(payload.as_ref())),
         )
     }
 
-    /// Runs `call`: inline if `may_inline` and a slot is free, otherwise on the blocking
-    /// pool. A panic becomes `Err` with its message.
-    pub(crate) async fn run<T, F>(&self, may_inline: bool, call: F) -> Result<T, String>
+    /// Runs `call` inline as soon as a place is free, or on the blocking pool if the
+    /// call in the way has run a whole tick (or nothing runs inline here). While it
+    /// waits, its worker serves other tasks; the call that frees a place wakes it on
+    /// that call's own worker. A panic becomes `Err` with its message.
+    pub(crate) async fn run<T, F>(&self, call: F) -> Result<T, String>
     where
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
-        if let Some(_slot) = may_inline.then(|| self.try_take()).flatten() {
-            return std::panic::catch_unwind(std::panic::AssertUnwindSafe(call))
-                .map_err(|payload| panic_message(payload.as_ref()));
+        match std::future::poll_fn(|cx| self.poll_place(cx)).await {
+            Some(running) => {
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(call))
+                    .map_err(|payload| panic_message(payload.as_ref()));
+                drop(running);
+                result
+            }
+            None => self.run_blocking(call).await,
         }
+    }
+
+    /// A free place (`Some`), or `None` for the blocking pool.
+    fn poll_place(&self, cx: &mut Context<'_>) -> Poll<Option<Running<'_>>> {
+        let state = &*self.state;
+        if self.watchdog.is_none() || state.stuck.load(Ordering::Relaxed) {
+            return Poll::Ready(None);
+        }
+        if let Some(running) = self.enter(Duration::ZERO) {
+            return Poll::Ready(Some(running));
+        }
+        {
+            let mut waiters = state.waiters();
+            waiters.push(cx.waker().clone());
+            state.waiting.store(waiters.len(), Ordering::SeqCst);
+        }
+        // A call may have ended before this one was queued, and then not woken it.
+        match self.enter(Duration::ZERO) {
+            Some(running) => Poll::Ready(Some(running)),
+            None => Poll::Pending,
+        }
+    }
+
+    /// Runs `call` on the blocking pool. A panic becomes `Err` with its message.
+    pub(crate) async fn run_blocking<T, F>(&self, call: F) -> Result<T, String>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
         tokio::task::spawn_blocking(call)
             .await
             .map_err(|join| match join.try_into_panic() {
@@ -184,19 +281,47 @@ impl Runner {
             })
     }
 
-    fn try_take(&self) -> Option<Slot<'_>> {
+    /// Marks a call running on this thread, if that leaves a worker free: at once, or
+    /// after spinning up to `spin` for another call to end.
+    fn enter(&self, spin: Duration) -> Option<Running<'_>> {
         let state = &*self.state;
-        let free = state.free_slot().or_else(|| state.spin_for_slot())?;
-        let number = state.started.fetch_add(1, Ordering::SeqCst) + 1;
-        free.compare_exchange(0, number, Ordering::Acquire, Ordering::Relaxed)
-            .ok()?;
+        let mark = state.mine()?;
+        let idle = mark.0.load(Ordering::Relaxed);
+        let mut deadline = None;
+        loop {
+            // Marked before the others are counted, as they mark before counting us
+            // (sequentially consistent): of two threads entering at once, at least
+            // one sees the other, so the limit is never passed.
+            mark.0.store(idle + 1, Ordering::SeqCst);
+            if state.others_running(mark) < state.limit {
+                break;
+            }
+            mark.0.store(idle, Ordering::SeqCst);
+            if spin.is_zero() {
+                return None;
+            }
+            let until = *deadline.get_or_insert_with(|| std::time::Instant::now() + spin);
+            // A fast handler's call takes a microsecond or two: wait for one to end
+            // rather than pay the blocking pool's two thread hops.
+            loop {
+                for _ in 0..64 {
+                    std::hint::spin_loop();
+                }
+                if state.others_running(mark) < state.limit {
+                    break;
+                }
+                if std::time::Instant::now() >= until {
+                    return None;
+                }
+            }
+        }
         if state.asleep.load(Ordering::SeqCst)
             && state.asleep.swap(false, Ordering::SeqCst)
             && let Some(watchdog) = &self.watchdog
         {
             watchdog.unpark();
         }
-        Some(Slot(free))
+        Some(Running { state, mark, idle })
     }
 }
 
@@ -209,12 +334,22 @@ impl Drop for Runner {
     }
 }
 
-/// A taken inline slot, given back on drop (panics included).
-struct Slot<'a>(&'a AtomicU64);
+/// A call running inline; its mark goes back to idle (one step on) on drop, panics
+/// included, and the calls waiting for a place are woken.
+struct Running<'a> {
+    state: &'a State,
+    mark: &'a Mark,
+    idle: u64,
+}
 
-impl Drop for Slot<'_> {
+impl Drop for Running<'_> {
     fn drop(&mut self) {
-        self.0.store(0, Ordering::Release);
+        // Marked idle before the waiters are looked at, as they queue before looking
+        // at the marks (sequentially consistent): a waiter is woken or sees the place.
+        self.mark.0.store(self.idle + 2, Ordering::SeqCst);
+        if self.state.waiting.load(Ordering::SeqCst) > 0 {
+            self.state.wake_waiters();
+        }
     }
 }
 
@@ -232,41 +367,49 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 fn watch(state: &Weak<State>, runtime: &Handle) {
     // It starts asleep: the first inline call wakes it.
     std::thread::park();
-    let Some(slots) = state.upgrade().map(|s| s.slots.len()) else {
-        return;
-    };
-    // Per slot: the call seen there at the last tick, and the last call poked for.
-    let mut seen = vec![0; slots];
-    let mut poked = vec![0; slots];
-    let mut started_seen = 0;
+    // Per mark: its value at the last tick, and the last call poked for.
+    let mut seen = vec![0; MARKS];
+    let mut poked = vec![0; MARKS];
     let mut quiet = 0;
     loop {
         let Some(s) = state.upgrade() else { return };
-        let mut running = false;
-        for (i, slot) in s.slots.iter().enumerate() {
-            let call = slot.load(Ordering::Acquire);
-            if call != 0 {
-                running = true;
-                if call == seen[i] && poked[i] != call {
+        let mut active = false;
+        let mut stuck = false;
+        for (i, mark) in s.in_use().iter().enumerate() {
+            let now = mark.0.load(Ordering::Acquire);
+            if now & 1 == 1 && now == seen[i] {
+                stuck = true;
+                if poked[i] != now {
                     // This call has run a whole tick: make sure a worker is awake to
                     // poll the I/O driver. One poke per call is enough: that worker
                     // goes back to sleep on the driver, not beside it.
                     drop(runtime.spawn(async {}));
-                    poked[i] = call;
+                    poked[i] = now;
                 }
             }
-            seen[i] = call;
+            active |= now & 1 == 1 || now != seen[i];
+            seen[i] = now;
         }
-        let started = s.started.load(Ordering::SeqCst);
-        if running || started != started_seen {
-            started_seen = started;
+        if stuck != s.stuck.load(Ordering::Relaxed) {
+            s.stuck.store(stuck, Ordering::Relaxed);
+        }
+        if stuck && s.waiting.load(Ordering::SeqCst) > 0 {
+            // Calls waiting behind a slow one go to the blocking pool.
+            s.wake_waiters();
+        }
+        if active {
             quiet = 0;
         } else {
             quiet += 1;
             if quiet >= QUIET_TICKS {
                 s.asleep.store(true, Ordering::SeqCst);
                 // A call that started before `asleep` was visible did not wake us.
-                if s.started.load(Ordering::SeqCst) != started_seen {
+                let moved = s
+                    .in_use()
+                    .iter()
+                    .enumerate()
+                    .any(|(i, m)| m.0.load(Ordering::SeqCst) != seen[i]);
+                if moved {
                     s.asleep.store(false, Ordering::SeqCst);
                     continue;
                 }
@@ -278,5 +421,81 @@ fn watch(state: &Weak<State>, runtime: &Handle) {
         }
         drop(s);
         std::thread::sleep(TICK);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A two-worker runtime (so one inline place) and its runner.
+    fn two_workers() -> (tokio::runtime::Runtime, Arc<Runner>) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let runner = Arc::new(rt.block_on(async { Runner::for_current_runtime() }));
+        (rt, runner)
+    }
+
+    #[test]
+    fn one_worker_stays_free_and_a_call_behind_a_stuck_one_goes_to_the_pool() {
+        let (rt, runner) = two_workers();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (entered, is_in) = std::sync::mpsc::channel::<()>();
+        let holder = {
+            let runner = runner.clone();
+            rt.spawn(async move {
+                runner.try_inline(move || {
+                    entered.send(()).unwrap();
+                    released.recv().unwrap();
+                })
+            })
+        };
+        is_in.recv().unwrap();
+        rt.block_on(async {
+            // The other worker may not take the only place...
+            let again = runner.clone();
+            let second = tokio::spawn(async move { again.try_inline(|| ()).is_some() });
+            assert!(!second.await.unwrap(), "both workers ran calls inline");
+            // ...and a call waiting for it ends up on the blocking pool.
+            let again = runner.clone();
+            let waiter = tokio::spawn(async move {
+                let here = std::thread::current().id();
+                let ran_on = again.run(|| std::thread::current().id()).await.unwrap();
+                (here, ran_on)
+            });
+            let (here, ran_on) = tokio::time::timeout(Duration::from_secs(10), waiter)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_ne!(here, ran_on, "it ran inline while the holder ran");
+        });
+        release.send(()).unwrap();
+        assert!(rt.block_on(holder).unwrap().is_some());
+        // The place is free again.
+        let runner2 = runner.clone();
+        let after =
+            rt.block_on(async move { tokio::spawn(async move { runner2.try_inline(|| 1) }).await });
+        assert_eq!(after.unwrap(), Some(Ok(1)));
+    }
+
+    #[test]
+    fn a_panicking_inline_call_is_an_error_and_frees_its_place() {
+        let (rt, runner) = two_workers();
+        let r = runner.clone();
+        let outcome = rt.block_on(async move {
+            tokio::spawn(async move {
+                let first = r.try_inline(|| -> u8 { panic!("boom") });
+                let second = r.try_inline(|| 2);
+                (first, second)
+            })
+            .await
+            .unwrap()
+        });
+        let (first, second) = outcome;
+        assert_eq!(first, Some(Err("the handler panicked: boom".to_owned())));
+        assert_eq!(second, Some(Ok(2)));
     }
 }

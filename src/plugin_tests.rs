@@ -57,11 +57,8 @@ fn call(
     let mut exchange = Exchange::new(&parts, facts(), 1, BodyIn::Whole(Bytes::from_static(body)));
     handler.handle(&mut exchange);
     let (resp, producer) = exchange.finish()?;
-    let (head, body) = resp.into_parts();
-    let bytes = match body.0 {
-        crate::respond::Kind::Whole(b) => b.unwrap_or_default(),
-        crate::respond::Kind::Stream { .. } => Bytes::new(),
-    };
+    let (head, mut body) = resp.into_parts();
+    let bytes = body.whole().unwrap_or_default();
     Ok(((head.status.as_u16(), head.headers, bytes), producer))
 }
 

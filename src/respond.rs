@@ -1,6 +1,7 @@
 //! One request: its checks and limits, the handler call and the answer, with what the
 //! metrics and the access log are told of it.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
@@ -16,14 +17,28 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::access_log::Entry;
+use crate::conns::HeadDeadline;
 use crate::drain::Counted;
-use crate::plugin::{BodyIn, Exchange, start_stream};
+use crate::handler::HandlerError;
+use crate::plugin::{BodyIn, Exchange, Producer, start_stream};
 use crate::server::{ConnFacts, ServeContext};
 
 /// The body of every response gem sends: bytes it holds whole, or a stream a handler's
-/// producer writes on a thread of its own.
+/// producer writes on a thread of its own. Once it is sent (dropped), an HTTP/1
+/// connection's next request head is due ([`HeadDeadline`]).
 #[derive(Debug)]
-pub(crate) struct Body(pub(crate) Kind);
+pub(crate) struct Body {
+    kind: Kind,
+    then: Option<HeadDeadline>,
+}
+
+impl Drop for Body {
+    fn drop(&mut self) {
+        if let Some(head) = &self.then {
+            head.response_sent();
+        }
+    }
+}
 
 #[derive(Debug)]
 pub(crate) enum Kind {
@@ -42,16 +57,29 @@ pub(crate) enum Kind {
 pub(crate) struct StreamCut;
 
 impl Body {
+    fn of(kind: Kind) -> Body {
+        Body { kind, then: None }
+    }
+
+    /// The bytes of a whole body (`None` for a stream).
+    #[cfg(test)]
+    pub(crate) fn whole(&mut self) -> Option<Bytes> {
+        match &mut self.kind {
+            Kind::Whole(bytes) => Some(bytes.take().unwrap_or_default()),
+            Kind::Stream { .. } => None,
+        }
+    }
+
     pub(crate) fn empty() -> Body {
-        Body(Kind::Whole(None))
+        Body::of(Kind::Whole(None))
     }
 
     pub(crate) fn full(bytes: Bytes) -> Body {
-        Body(Kind::Whole((!bytes.is_empty()).then_some(bytes)))
+        Body::of(Kind::Whole((!bytes.is_empty()).then_some(bytes)))
     }
 
     pub(crate) fn stream(rx: mpsc::Receiver<Result<Bytes, StreamCut>>, in_flight: Counted) -> Body {
-        Body(Kind::Stream {
+        Body::of(Kind::Stream {
             rx,
             _in_flight: in_flight,
         })
@@ -66,7 +94,7 @@ impl hyper::body::Body for Body {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, StreamCut>>> {
-        match &mut self.get_mut().0 {
+        match &mut self.get_mut().kind {
             Kind::Whole(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Kind::Stream { rx, .. } => rx
                 .poll_recv(cx)
@@ -75,11 +103,11 @@ impl hyper::body::Body for Body {
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.0, Kind::Whole(None))
+        matches!(self.kind, Kind::Whole(None))
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.0 {
+        match &self.kind {
             Kind::Whole(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
@@ -117,63 +145,160 @@ struct Head {
     user_agent: Option<HeaderValue>,
 }
 
-/// Turns one HTTP request into a handler call and back.
-pub(crate) async fn respond(
+/// What is noted of a request before its handler takes it, for what is told of it
+/// after: nothing when neither metrics nor an access log is on.
+struct Observed {
+    started: Option<Instant>,
+    /// Copied only when an access log wants it.
+    head: Option<Head>,
+    version: Version,
+}
+
+impl Observed {
+    fn before<B>(req: &HttpRequest<B>, ctx: &ServeContext) -> Observed {
+        let observers = &ctx.observers;
+        let observed = observers.metrics.is_some() || observers.access_log.is_some();
+        Observed {
+            started: observed.then(Instant::now),
+            head: observers.access_log.as_ref().map(|_| Head {
+                time: SystemTime::now(),
+                method: req.method().clone(),
+                uri: req.uri().clone(),
+                referer: req.headers().get(http::header::REFERER).cloned(),
+                user_agent: req.headers().get(http::header::USER_AGENT).cloned(),
+            }),
+            version: req.version(),
+        }
+    }
+
+    /// Finishes `resp` (`Connection: close` once draining; `then` due once it is sent)
+    /// and tells the metrics and the access log of it.
+    fn after(
+        self,
+        mut resp: HttpResponse<Body>,
+        facts: ConnFacts,
+        ctx: &ServeContext,
+        then: Option<HeadDeadline>,
+    ) -> HttpResponse<Body> {
+        resp.body_mut().then = then;
+        if ctx.drain.is_draining() && self.version < Version::HTTP_2 {
+            resp.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        let Some(started) = self.started else {
+            return resp;
+        };
+        let status = resp.status().as_u16();
+        let took = started.elapsed();
+        if let Some(metrics) = &ctx.observers.metrics {
+            metrics.observe(status, took);
+        }
+        if let (Some(log), Some(head)) = (&ctx.observers.access_log, self.head) {
+            // No body goes out for these, whatever the handler returned.
+            let bytes = if head.method == http::Method::HEAD || matches!(status, 204 | 304) {
+                0
+            } else {
+                resp.body().size_hint().exact().unwrap_or_default()
+            };
+            log.log(Entry {
+                time: head.time,
+                peer: facts.peer,
+                method: head.method,
+                uri: head.uri,
+                version: self.version,
+                referer: head.referer,
+                user_agent: head.user_agent,
+                status,
+                bytes,
+                took,
+                generation: ctx.observers.generation,
+            });
+        }
+        resp
+    }
+}
+
+/// The answer to one request: ready at once when its handler ran inline, else a
+/// future (boxed: only requests with bodies, or whose handler runs off the workers,
+/// pay for it, and hyper moves a small future per request instead of a large one).
+pub(crate) enum Respond {
+    Ready(Option<HttpResponse<Body>>),
+    Later(Pin<Box<dyn Future<Output = HttpResponse<Body>> + Send>>),
+}
+
+impl Future for Respond {
+    type Output = Result<HttpResponse<Body>, std::convert::Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Respond::Ready(resp) => match resp.take() {
+                Some(resp) => Poll::Ready(Ok(resp)),
+                // hyper polls a service future no more once it is ready.
+                None => Poll::Pending,
+            },
+            Respond::Later(fut) => fut.as_mut().poll(cx).map(Ok),
+        }
+    }
+}
+
+/// Turns one HTTP request into a handler call and back. `then` is the connection's
+/// deadline for its next request head, due once this response is sent (HTTP/1).
+pub(crate) fn respond(
     req: HttpRequest<Incoming>,
     facts: ConnFacts,
-    ctx: ServeContext,
-) -> Result<HttpResponse<Body>, std::convert::Infallible> {
-    let _in_flight = ctx.drain.request_ref();
-    // Timed only when someone is told.
-    let observed = ctx.observers.metrics.is_some() || ctx.observers.access_log.is_some();
-    let started = observed.then(Instant::now);
-    let version = req.version();
-    // Copied only when an access log wants them.
-    let head = ctx.observers.access_log.as_ref().map(|_| Head {
-        time: SystemTime::now(),
-        method: req.method().clone(),
-        uri: req.uri().clone(),
-        referer: req.headers().get(http::header::REFERER).cloned(),
-        user_agent: req.headers().get(http::header::USER_AGENT).cloned(),
-    });
-    let mut resp = match call_handler(req, facts, &ctx).await {
-        Ok(resp) => resp,
-        Err(resp) => resp,
+    ctx: &ServeContext,
+    then: Option<&HeadDeadline>,
+) -> Respond {
+    let observed = Observed::before(&req, ctx);
+    let then = then.cloned();
+    let req = match answer_now(req, facts, ctx) {
+        Now::Answered(resp) => return Respond::Ready(Some(observed.after(resp, facts, ctx, then))),
+        Now::Not(req) => req,
     };
-    if ctx.drain.is_draining() && version < Version::HTTP_2 {
-        resp.headers_mut()
-            .insert(CONNECTION, HeaderValue::from_static("close"));
-    }
-    let Some(started) = started else {
-        return Ok(resp);
-    };
-    let status = resp.status().as_u16();
-    let took = started.elapsed();
-    if let Some(metrics) = &ctx.observers.metrics {
-        metrics.observe(status, took);
-    }
-    if let (Some(log), Some(head)) = (&ctx.observers.access_log, head) {
-        // No body goes out for these, whatever the handler returned.
-        let bytes = if head.method == http::Method::HEAD || matches!(status, 204 | 304) {
-            0
-        } else {
-            resp.body().size_hint().exact().unwrap_or_default()
+    let ctx = ctx.clone();
+    Respond::Later(Box::pin(async move {
+        let in_flight = ctx.drain.request();
+        let resp = match call_handler(req, facts, &ctx).await {
+            Ok(resp) | Err(resp) => resp,
         };
-        log.log(Entry {
-            time: head.time,
-            peer: facts.peer,
-            method: head.method,
-            uri: head.uri,
-            version,
-            referer: head.referer,
-            user_agent: head.user_agent,
-            status,
-            bytes,
-            took,
-            generation: ctx.observers.generation,
-        });
+        drop(in_flight);
+        observed.after(resp, facts, &ctx, then)
+    }))
+}
+
+/// What [`answer_now`] made of a request.
+enum Now {
+    Answered(HttpResponse<Body>),
+    /// Given back, as it came.
+    Not(HttpRequest<Incoming>),
+}
+
+/// Answers a request right here when that is all it takes: a bad one, or a bodiless
+/// one whose handler runs inline and finds a free place to. Otherwise gives it back.
+fn answer_now(req: HttpRequest<Incoming>, facts: ConnFacts, ctx: &ServeContext) -> Now {
+    if let Some(why) = host_problem(&req) {
+        return Now::Answered(plain(StatusCode::BAD_REQUEST, why));
     }
-    Ok(resp)
+    // Reading a body may wake the connection task onto this worker (HTTP/2 flow
+    // control); a handler run inline would hold it up, so only bodiless calls may.
+    if !req.body().is_end_stream() || !ctx.handler.runs_inline() {
+        return Now::Not(req);
+    }
+    let _in_flight = ctx.drain.request_ref();
+    let id = next_request_id();
+    // The bodiless request's `Incoming` lives until the call is over.
+    let (parts, body) = req.into_parts();
+    let done = ctx.runner.try_inline(|| {
+        let mut exchange = Exchange::new(&parts, facts, id, BodyIn::Whole(Bytes::new()));
+        ctx.handler.handle(&mut exchange);
+        exchange.finish()
+    });
+    match done {
+        Some(Ok(result)) => Now::Answered(answer(result, &parts, ctx)),
+        Some(Err(why)) => Now::Answered(task_failed(&why)),
+        // No free place: the request goes the long way.
+        None => Now::Not(HttpRequest::from_parts(parts, body)),
+    }
 }
 
 async fn call_handler(
@@ -202,17 +327,18 @@ async fn call_handler(
     if !chunked && declared.is_some_and(|len| len > max) {
         return Err(too_large());
     }
-    // A bodiless request's `Incoming` lives until the call is over (see `may_inline`).
-    let (body_in, _bodiless_incoming) = if chunked {
-        (BodyIn::Chunks(body, ctx.limits.header_read_timeout), None)
+    let body_in = if chunked {
+        // A handler reading its body in chunks blocks on the runtime, which it may
+        // only do off the runtime's workers.
+        BodyIn::Chunks(body, ctx.limits.header_read_timeout)
     } else if bodiless {
-        (BodyIn::Whole(Bytes::new()), Some(body))
+        BodyIn::Whole(Bytes::new())
     } else {
         match Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX))
             .collect()
             .await
         {
-            Ok(collected) => (BodyIn::Whole(collected.to_bytes()), None),
+            Ok(collected) => BodyIn::Whole(collected.to_bytes()),
             Err(err) if err.is::<LengthLimitError>() => return Err(too_large()),
             Err(err) => {
                 debug!(cause = %err, "failed to read the request body");
@@ -220,47 +346,47 @@ async fn call_handler(
             }
         }
     };
-    // Reading a body may have woken the connection task onto this worker (HTTP/2 flow
-    // control); a handler run inline would hold it up, so only bodiless calls may. A
-    // handler reading its body in chunks blocks on the runtime, which it may only do
-    // off the runtime's workers.
-    let inline = (bodiless && ctx.handler.runs_inline())
-        .then(|| {
-            ctx.runner.try_inline(|| {
-                let mut exchange = Exchange::new(&parts, facts, id, BodyIn::Whole(Bytes::new()));
-                ctx.handler.handle(&mut exchange);
-                exchange.finish()
-            })
-        })
-        .flatten();
-    let outcome = match inline {
-        Some(done) => done.map(|result| (result, parts)),
-        None => {
-            let handler = ctx.handler.clone();
-            let call = move || {
-                let mut exchange = Exchange::new(&parts, facts, id, body_in);
-                handler.handle(&mut exchange);
-                (exchange.finish(), parts)
-            };
-            ctx.runner.run(false, call).await
-        }
+    let handler = ctx.handler.clone();
+    let call = move || {
+        let mut exchange = Exchange::new(&parts, facts, id, body_in);
+        handler.handle(&mut exchange);
+        (exchange.finish(), parts)
     };
-    let (result, parts) = match outcome {
-        Ok(done) => done,
-        Err(why) => {
-            warn!(
-                "[{}] handler task failed: {why}; answered 500",
-                std::process::id()
-            );
-            return Err(internal_error());
-        }
+    // A bodiless call that found no free inline place waits for one; the others
+    // (and all of an in-process handler's) run on the blocking pool.
+    let outcome = if bodiless && ctx.handler.runs_inline() {
+        ctx.runner.run(call).await
+    } else {
+        ctx.runner.run_blocking(call).await
     };
+    match outcome {
+        Ok((result, parts)) => Ok(answer(result, &parts, ctx)),
+        Err(why) => Err(task_failed(&why)),
+    }
+}
+
+/// A handler call that did not return (it panicked): logged and answered 500.
+fn task_failed(why: &str) -> HttpResponse<Body> {
+    warn!(
+        "[{}] handler task failed: {why}; answered 500",
+        std::process::id()
+    );
+    internal_error()
+}
+
+/// The response for what a handler returned: an invalid response is logged and
+/// answered 500; a streamed body gets its producer started.
+fn answer(
+    result: Result<(HttpResponse<Body>, Option<Producer>), HandlerError>,
+    parts: &http::request::Parts,
+    ctx: &ServeContext,
+) -> HttpResponse<Body> {
     match result {
-        Ok((resp, None)) => Ok(resp),
+        Ok((resp, None)) => resp,
         Ok((mut resp, Some(producer))) => {
             let what = format!("{} {}", parts.method, parts.uri);
             *resp.body_mut() = start_stream(producer, ctx.drain.clone(), ctx.drain.request(), what);
-            Ok(resp)
+            resp
         }
         Err(err) => {
             warn!(
@@ -269,7 +395,7 @@ async fn call_handler(
                 parts.method,
                 parts.uri
             );
-            Err(internal_error())
+            internal_error()
         }
     }
 }

@@ -18,7 +18,7 @@ use tracing::debug;
 use crate::accept::Backoff;
 use crate::access_log::AccessLog;
 use crate::config::{HYPER_MAX_HEADERS, Limits};
-use crate::conns::TrackedStream;
+use crate::conns::{HeadDeadline, TrackedStream};
 use crate::drain::DrainSignal;
 use crate::handler::Handler;
 use crate::inline::Runner;
@@ -105,10 +105,12 @@ impl ServeContext {
         drain: DrainSignal,
         observers: Observers,
     ) -> Self {
+        // `header_read_timeout` is kept by the connections' registry, not by hyper (see
+        // `conns`): hyper's timer costs an allocation and two locks a request.
+        drain.limit_heads(limits.header_read_timeout);
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout)
+            .header_read_timeout(None)
             .max_buf_size(limits.max_header_size);
         // hyper parses up to 100 headers in a stack array; any explicit limit makes it
         // allocate per request (about 5 % of throughput, says its documentation).
@@ -173,7 +175,8 @@ fn track(stream: TcpStream, ctx: &ServeContext) -> TrackedStream {
 /// Serves one cleartext connection.
 async fn serve_plain(stream: TcpStream, facts: ConnFacts, ctx: ServeContext) {
     let stream = track(stream, &ctx);
-    serve_connection(stream, facts, ctx).await;
+    let head = stream.head_deadline();
+    serve_connection(stream, head, facts, ctx).await;
 }
 
 /// Serves one connection over TLS once its handshake is done. A handshake must finish
@@ -181,6 +184,7 @@ async fn serve_plain(stream: TcpStream, facts: ConnFacts, ctx: ServeContext) {
 /// slowloris is), and is dropped at the drain's cut.
 async fn serve_tls(stream: TcpStream, facts: ConnFacts, tls: TlsAcceptor, ctx: ServeContext) {
     let stream = track(stream, &ctx);
+    let head = stream.head_deadline();
     let peer = facts.peer;
     let limit = ctx.limits.header_read_timeout;
     let stream = tokio::select! {
@@ -204,14 +208,14 @@ async fn serve_tls(stream: TcpStream, facts: ConnFacts, tls: TlsAcceptor, ctx: S
         scheme: Scheme::Https,
         ..facts
     };
-    serve_connection(stream, facts, ctx).await;
+    serve_connection(stream, head, facts, ctx).await;
 }
 
 /// Serves one connection, plain or TLS, following the drain: once draining, HTTP/2
 /// gets GOAWAY at once; HTTP/1 gets `Connection: close` on its next response and, if it
 /// stays idle for the grace, is closed (over TLS with a close_notify). At the cut the
 /// connection is dropped.
-async fn serve_connection<S>(stream: S, facts: ConnFacts, ctx: ServeContext)
+async fn serve_connection<S>(stream: S, head: HeadDeadline, facts: ConnFacts, ctx: ServeContext)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -220,16 +224,22 @@ where
     let service = {
         let (ctx, is_h2) = (ctx.clone(), is_h2.clone());
         service_fn(move |req| {
-            if req.version() == Version::HTTP_2 {
+            // HTTP/2 awaits no request head after a response: its streams interleave.
+            head.head_arrived();
+            let after = if req.version() == Version::HTTP_2 {
                 is_h2.store(true, Ordering::Relaxed);
-            }
-            respond(req, facts, ctx.clone())
+                None
+            } else {
+                Some(&head)
+            };
+            respond(req, facts, &ctx, after)
         })
     };
     let conn = ctx.http.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
     let drain = &ctx.drain;
     let result = tokio::select! {
+        biased;
         res = conn.as_mut() => Some(res),
         () = drain.draining() => None,
     };

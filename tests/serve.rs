@@ -224,6 +224,70 @@ fn a_client_that_never_finishes_its_headers_is_cut_off() {
     assert_eq!(get(gem.addr, "/").unwrap().status, 200);
 }
 
+/// Reads from `stream` until the server closes it; how long that took.
+fn time_to_close(stream: &mut TcpStream) -> (std::time::Duration, Vec<u8>) {
+    stream.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    let start = std::time::Instant::now();
+    let mut got = Vec::new();
+    let _ = stream.read_to_end(&mut got);
+    (start.elapsed(), got)
+}
+
+#[test]
+fn header_read_timeout_closes_silent_and_idle_connections_but_not_slow_answers() {
+    let gem = Gem::start(Spec::new("hello", "header_read_timeout = \"1s\""));
+    let second = std::time::Duration::from_secs(1);
+
+    // A client that connects and sends nothing at all.
+    let mut silent = TcpStream::connect(gem.addr).unwrap();
+    let (took, got) = time_to_close(&mut silent);
+    assert!(
+        took >= second * 9 / 10 && took < common::DEADLINE,
+        "silent: closed after {took:?}"
+    );
+    assert!(got.is_empty());
+
+    // A keep-alive client that goes quiet after its answer: the next head is due
+    // within the limit from the answer on.
+    let mut idle = TcpStream::connect(gem.addr).unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    let mut first = [0u8; 17];
+    idle.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    idle.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200 OK\r\n");
+    let (took, _) = time_to_close(&mut idle);
+    assert!(
+        took >= second * 8 / 10 && took < common::DEADLINE,
+        "idle: closed after {took:?}"
+    );
+
+    // Answers that take longer than the limit are not cut: a slow handler's, and a
+    // stream's, on one keep-alive connection, each followed by another request.
+    let mut slow = TcpStream::connect(gem.addr).unwrap();
+    slow.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    for target in ["/sleep?ms=1500", "/events?n=3&ms=600"] {
+        let head =
+            format!("GET {target} HTTP/1.1\r\nhost: x\r\n\r\nGET / HTTP/1.1\r\nhost: x\r\n\r\n");
+        slow.write_all(head.as_bytes()).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let answered = |got: &[u8]| {
+            let text = String::from_utf8_lossy(got);
+            text.matches("HTTP/1.1 200 OK").count() == 2 && text.ends_with("Hello world.")
+        };
+        while !answered(&got) {
+            let n = slow.read(&mut buf).unwrap();
+            assert!(
+                n > 0,
+                "{target}: closed early: {}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+}
+
 /// Sends `head` as raw bytes and returns the response's status line and body.
 fn raw(addr: std::net::SocketAddr, head: &str) -> (String, String) {
     let mut stream = TcpStream::connect(addr).unwrap();

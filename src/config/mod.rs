@@ -220,7 +220,8 @@ impl Default for Config {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Limits {
-    /// A client must finish sending its request head within this time.
+    /// A client must send each request head within this time, from the connection's
+    /// start or its last response; a connection that does not is closed.
     #[serde(with = "format::duration")]
     pub header_read_timeout: Duration,
     /// Largest accepted request body; larger ones get 413.

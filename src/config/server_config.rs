@@ -22,7 +22,8 @@ pub struct ServerConfig {
     /// How long an idle keep-alive connection may linger once draining (default 500 ms).
     #[serde(with = "format::duration")]
     pub idle_grace: Duration,
-    /// How long a client may take to send its request head (default 10 s).
+    /// How long a client may take to send each request head, from the connection's start
+    /// or its last response (default 10 s); a connection that takes longer is closed.
     #[serde(with = "format::duration")]
     pub header_read_timeout: Duration,
     /// Largest request body in bytes; larger ones get 413 (default 1 MiB).
