@@ -75,8 +75,10 @@ const SPIN: Duration = Duration::from_micros(10);
 /// Quiet ticks (no inline call running or starting) before the watchdog sleeps until
 /// the next inline call.
 const QUIET_TICKS: u32 = 50;
-/// Threads that may run calls inline for one runner: more than any runtime has
-/// workers. A thread past them sends its calls to the blocking pool.
+/// Threads that may run calls inline for one runner, at least: twice the workers if
+/// that is more. A thread past them sends its calls to the blocking pool. (A thread
+/// keeps the mark of the last runner it called for; a process serves with one runner
+/// at a time.)
 const MARKS: usize = 64;
 
 /// Numbers runners, so a thread's cached mark index is never taken for another's.
@@ -127,7 +129,11 @@ impl State {
     fn new(limit: usize) -> Self {
         State {
             id: RUNNERS.fetch_add(1, Ordering::Relaxed),
-            marks: (0..if limit == 0 { 0 } else { MARKS })
+            marks: (0..if limit == 0 {
+                0
+            } else {
+                MARKS.max(2 * limit + 2)
+            })
                 .map(|_| Mark::default())
                 .collect(),
             claimed: AtomicUsize::new(0),
@@ -249,7 +255,9 @@ impl Runner {
     /// A free place (`Some`), or `None` for the blocking pool.
     fn poll_place(&self, cx: &mut Context<'_>) -> Poll<Option<Running<'_>>> {
         let state = &*self.state;
-        if self.watchdog.is_none() || state.stuck.load(Ordering::Relaxed) {
+        // A thread past the marks can never take a place: it must not wait for one.
+        if self.watchdog.is_none() || state.stuck.load(Ordering::Relaxed) || state.mine().is_none()
+        {
             return Poll::Ready(None);
         }
         if let Some(running) = self.enter(Duration::ZERO) {
@@ -367,9 +375,12 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 fn watch(state: &Weak<State>, runtime: &Handle) {
     // It starts asleep: the first inline call wakes it.
     std::thread::park();
+    let Some(marks) = state.upgrade().map(|s| s.marks.len()) else {
+        return;
+    };
     // Per mark: its value at the last tick, and the last call poked for.
-    let mut seen = vec![0; MARKS];
-    let mut poked = vec![0; MARKS];
+    let mut seen = vec![0; marks];
+    let mut poked = vec![0; marks];
     let mut quiet = 0;
     loop {
         let Some(s) = state.upgrade() else { return };
