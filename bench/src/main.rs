@@ -30,30 +30,30 @@ use tools::{Wrk, h2load, wrk};
 /// run to run.
 const NOTES: &str = "## Reading the misses
 
-- **Throughput.** On this machine the ratio moves from run to run: four runs of this
-  scenario in a row (5 rounds each) gave gem/hyper 0.71 to 0.79, and one full run the
-  same day read 0.90 and did not repeat. The handler is synchronous and may block.
-  Sending every call to tokio's blocking pool cost two cross-thread wake-ups a request
-  and gave 0.39 of hyper. gem now runs a bodiless request's handler on the worker
-  thread that read it, at most `workers - 1` at once, with a watchdog thread that wakes
-  a sleeping worker when such a call passes 1 ms, so the I/O driver is never left
-  unpolled (`src/inline.rs`; the test suite catches the stall if the watchdog is
-  removed). About 3 % of calls under this load find the slot taken (the other worker
-  is in a handler) and go to the blocking pool. `block_in_place` for those was tried
-  and dropped: it hands the worker to a new thread each time, and under wrk the
-  process grew to 50-90 threads and 14 MiB. Yielding once and retrying cut the
-  fallbacks to 0.4 % but was dropped too: a yielded task can only come back on its own
-  worker, possibly behind the next inline call. What is left, from `perf` on gem and
-  hyper under the same wrk load (one sample each; read these as shares): gem spends
-  about 1.4 times hyper's CPU per request, and the difference is roughly a third kernel
-  time (the loopback wake-ups of wrk's threads, which follow the different write
-  timing), a fifth malloc/free, a sixth the per-request header-read timer that guards
-  against slowloris (hyper's ceiling arms none), and the rest header conversion and
-  validation and the plugin call itself. Since plugin ABI 2 (scenario 13 counts every
-  allocation exactly): hyper makes 4.0 allocations a request, gem 5.0: the same 4
-  (the response's header map, 2, and hyper's request parsing, 2) plus 1 for the
-  header-read timer; the request and response cross the ABI without any (before ABI 2:
-  19.4, 16 of them copying across the ABI and inside the plugin).
+- **Throughput.** On this machine the ratio moves from run to run by several
+  hundredths (load generator and servers share 2 cores). The handler is synchronous
+  and may block. Sending every call to tokio's blocking pool cost two cross-thread
+  wake-ups a request and gave 0.39 of hyper. gem runs a bodiless request's handler on
+  the worker thread that read it, at most `workers - 1` at once, with a watchdog
+  thread that wakes a sleeping worker when such a call passes 1 ms (`src/inline.rs`;
+  the test suite catches the stall if the watchdog is removed). What moved gem from
+  0.71-0.79 of hyper to about 0.89 (2026-11-27, measured with per-request CPU time of
+  each server under the same wrk load): the calls that found the one inline place
+  taken (on 2 workers, about one in six) spun, then hopped to the blocking pool;
+  they now wait while their worker serves other connections and are woken, on the
+  worker whose call ended, to run inline (about 5 %). The inline places were one
+  shared table whose cache line moved between the workers on every call; each thread
+  now marks its own line. A bodiless request is answered inside hyper's service call,
+  so hyper moves a small future instead of a 1 KB one. And hyper's per-request
+  header-read timer (a boxed sleep and two timer-wheel locks) is replaced by one
+  deadline per connection, swept a few times a second. What is left: gem spends about
+  6.3 µs of CPU per request against hyper's 5.4. By `perf` (one sample each, read as
+  shares) most of the difference is kernel scheduling: gem's workers are preempted
+  about twice as often by wrk's threads, and the watchdog wakes 1,000 times a second
+  while calls run inline; the rest is the plugin call, the inline bookkeeping and
+  copies of the request and response. Scenario 13 counts allocations exactly: hyper's
+  ceiling makes 4.0 a request and gem 2.0 (5.0 with hyper's header-read timer, 19.4
+  before ABI 2).
 - **Restart latency.** nginx reloads by forking its master (no exec, no config parse,
   no dlopen); gem starts a fresh process, as the Go original did. From gem's own log
   timestamps over 15 restarts: 1.0-1.5 ms from the signal until the new process has
