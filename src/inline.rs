@@ -13,11 +13,11 @@
 //! worker: at most `workers - 1` calls run inline at once, so another worker is always
 //! left to steal them. And tokio's I/O driver: the other workers may all be asleep, and
 //! tokio wakes one only when a queue holds more than one task. A watchdog thread covers
-//! that: when an inline call is still running a tick after it was first seen, it spawns
-//! an empty task from outside the runtime, which wakes a sleeping worker; that worker
-//! steals what was queued behind the call and then polls the driver while the call goes
-//! on. The watchdog sleeps with no deadline until the first inline call and again
-//! whenever they stop for a while.
+//! that: when an inline call is still running a tick after it was first seen (4 ms; 1 ms
+//! for a while after a slow call was seen), it spawns an empty task from outside the
+//! runtime, which wakes a sleeping worker; that worker steals what was queued behind
+//! the call and then polls the driver while the call goes on. The watchdog sleeps with
+//! no deadline until the first inline call and again whenever they stop for a while.
 //!
 //! What a call costs here is what decides gem's throughput against a plain hyper server,
 //! so it touches no line another thread writes: each thread marks its calls on a cache
@@ -66,11 +66,17 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// How often the watchdog looks, and so about how long I/O can wait behind a slow
-/// inline call while every other worker sleeps.
+/// How often the watchdog looks while calls run inline and none has been slow lately,
+/// and so about how long I/O can wait behind the first slow inline call while every
+/// other worker sleeps. Looking every millisecond instead cost about 4 % of keep-alive
+/// throughput on 2 cores: each look wakes a thread that preempts a busy one.
+const CALM_TICK: Duration = Duration::from_millis(4);
+/// How often it looks for `ALERT_TICKS` looks after it has seen a call run a whole
+/// tick (or while calls wait for a place): a handler that was slow once may be again.
 const TICK: Duration = Duration::from_millis(1);
-/// How long a call that finds every inline place taken waits for one before it goes
-/// to the blocking pool: a few times a fast handler's call, a fraction of a thread hop.
+const ALERT_TICKS: u32 = 100;
+/// How long a call that finds every inline place taken spins for one: a few times a
+/// fast handler's call.
 const SPIN: Duration = Duration::from_micros(10);
 /// Quiet ticks (no inline call running or starting) before the watchdog sleeps until
 /// the next inline call.
@@ -382,6 +388,7 @@ fn watch(state: &Weak<State>, runtime: &Handle) {
     let mut seen = vec![0; marks];
     let mut poked = vec![0; marks];
     let mut quiet = 0;
+    let mut alert = 0;
     loop {
         let Some(s) = state.upgrade() else { return };
         let mut active = false;
@@ -404,10 +411,21 @@ fn watch(state: &Weak<State>, runtime: &Handle) {
         if stuck != s.stuck.load(Ordering::Relaxed) {
             s.stuck.store(stuck, Ordering::Relaxed);
         }
-        if stuck && s.waiting.load(Ordering::SeqCst) > 0 {
+        let waiting = s.waiting.load(Ordering::SeqCst) > 0;
+        if stuck && waiting {
             // Calls waiting behind a slow one go to the blocking pool.
             s.wake_waiters();
         }
+        alert = if stuck {
+            ALERT_TICKS
+        } else {
+            alert.saturating_sub(1)
+        };
+        let tick = if alert > 0 || waiting {
+            TICK
+        } else {
+            CALM_TICK
+        };
         if active {
             quiet = 0;
         } else {
@@ -431,7 +449,7 @@ fn watch(state: &Weak<State>, runtime: &Handle) {
             }
         }
         drop(s);
-        std::thread::sleep(TICK);
+        std::thread::sleep(tick);
     }
 }
 

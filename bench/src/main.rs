@@ -35,7 +35,7 @@ const NOTES: &str = "## Reading the misses
   and may block. Sending every call to tokio's blocking pool cost two cross-thread
   wake-ups a request and gave 0.39 of hyper. gem runs a bodiless request's handler on
   the worker thread that read it, at most `workers - 1` at once, with a watchdog
-  thread that wakes a sleeping worker when such a call passes 1 ms (`src/inline.rs`;
+  thread that wakes a sleeping worker when such a call runs long (`src/inline.rs`;
   the test suite catches the stall if the watchdog is removed). What moved gem from
   0.71-0.79 of hyper to about 0.89 (2026-11-27, measured with per-request CPU time of
   each server under the same wrk load): the calls that found the one inline place
@@ -44,7 +44,7 @@ const NOTES: &str = "## Reading the misses
   worker whose call ended, to run inline (about 5 %). The inline places were one
   shared table whose cache line moved between the workers on every call; each thread
   now marks its own line. A bodiless request is answered inside hyper's service call,
-  so hyper moves a small future instead of a 1 KB one. And hyper's per-request
+  so hyper moves a small future instead of a large one. And hyper's per-request
   header-read timer (a boxed sleep and two timer-wheel locks) is replaced by one
   deadline per connection, swept a few times a second. What is left: gem spends about
   6.3 µs of CPU per request against hyper's 5.4. By `perf` (one sample each, read as
