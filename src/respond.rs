@@ -149,8 +149,9 @@ struct Head {
 /// after: nothing when neither metrics nor an access log is on.
 struct Observed {
     started: Option<Instant>,
-    /// Copied only when an access log wants it.
-    head: Option<Head>,
+    /// Copied only when an access log wants it; boxed, so that what is moved along
+    /// with every request stays small when none does.
+    head: Option<Box<Head>>,
     version: Version,
 }
 
@@ -160,12 +161,14 @@ impl Observed {
         let observed = observers.metrics.is_some() || observers.access_log.is_some();
         Observed {
             started: observed.then(Instant::now),
-            head: observers.access_log.as_ref().map(|_| Head {
-                time: SystemTime::now(),
-                method: req.method().clone(),
-                uri: req.uri().clone(),
-                referer: req.headers().get(http::header::REFERER).cloned(),
-                user_agent: req.headers().get(http::header::USER_AGENT).cloned(),
+            head: observers.access_log.as_ref().map(|_| {
+                Box::new(Head {
+                    time: SystemTime::now(),
+                    method: req.method().clone(),
+                    uri: req.uri().clone(),
+                    referer: req.headers().get(http::header::REFERER).cloned(),
+                    user_agent: req.headers().get(http::header::USER_AGENT).cloned(),
+                })
             }),
             version: req.version(),
         }
@@ -194,6 +197,7 @@ impl Observed {
             metrics.observe(status, took);
         }
         if let (Some(log), Some(head)) = (&ctx.observers.access_log, self.head) {
+            let head = *head;
             // No body goes out for these, whatever the handler returned.
             let bytes = if head.method == http::Method::HEAD || matches!(status, 204 | 304) {
                 0
@@ -288,16 +292,17 @@ fn answer_now(req: HttpRequest<Incoming>, facts: ConnFacts, ctx: &ServeContext) 
     let id = next_request_id();
     // The bodiless request's `Incoming` lives until the call is over.
     let (parts, body) = req.into_parts();
-    let done = ctx.runner.try_inline(|| {
-        let mut exchange = Exchange::new(&parts, facts, id, BodyIn::Whole(Bytes::new()));
-        ctx.handler.handle(&mut exchange);
-        exchange.finish()
-    });
-    match done {
-        Some(Ok(result)) => Now::Answered(answer(result, &parts, ctx)),
+    // The response stays in the exchange until the call is over: what the call
+    // returns is small, and the response is moved once.
+    let mut exchange = Exchange::new(&parts, facts, id, BodyIn::Whole(Bytes::new()));
+    match ctx.runner.try_inline(|| ctx.handler.handle(&mut exchange)) {
+        Some(Ok(())) => Now::Answered(answer(exchange.finish(), &parts, ctx)),
         Some(Err(why)) => Now::Answered(task_failed(&why)),
         // No free place: the request goes the long way.
-        None => Now::Not(HttpRequest::from_parts(parts, body)),
+        None => {
+            drop(exchange);
+            Now::Not(HttpRequest::from_parts(parts, body))
+        }
     }
 }
 
