@@ -54,6 +54,18 @@ const NOTES: &str = "## Reading the misses
   copies of the request and response. Scenario 13 counts allocations exactly: hyper's
   ceiling makes 4.0 a request and gem 2.0 (5.0 with hyper's header-read timer, 19.4
   before ABI 2).
+- **Stream rate (13).** A streamed body is written by the handler's producer on a
+  thread of its own, into a channel that holds one 64 KiB chunk beyond the one being
+  written, so a slow client holds the producer back. That costs 2 to 3 context
+  switches per chunk between the producer and the worker (70,000 a second at
+  1.5 GB/s, about 45 % of gem's CPU in `finish_task_switch` by `perf`), and reads
+  about 0.4-0.5 of hyper, which makes each chunk on its worker. One download's rate
+  moves by a factor of two from run to run, so the scenario takes the median of 5
+  interleaved downloads (earlier single downloads read 0.50 to 1.03). A channel of
+  four chunks was no faster. What should help: a byte budget instead of a chunk
+  count, with the producer woken only once the body has drained below half of it, so
+  that hyper takes several chunks per write and each side sleeps once per several
+  chunks.
 - **Restart latency.** nginx reloads by forking its master (no exec, no config parse,
   no dlopen); gem starts a fresh process, as the Go original did. From gem's own log
   timestamps over 15 restarts: 1.0-1.5 ms from the signal until the new process has
