@@ -78,6 +78,9 @@ const ALERT_TICKS: u32 = 100;
 /// How long a call that finds every inline place taken spins for one: a few times a
 /// fast handler's call.
 const SPIN: Duration = Duration::from_micros(10);
+/// How often a waiting call looks for a place (each time a call ended, it was woken
+/// and another took the place first) before it goes to the blocking pool.
+const MAX_LOOKS: u32 = 8;
 /// Quiet ticks (no inline call running or starting) before the watchdog sleeps until
 /// the next inline call.
 const QUIET_TICKS: u32 = 50;
@@ -247,7 +250,12 @@ impl Runner {
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
-        match std::future::poll_fn(|cx| self.poll_place(cx)).await {
+        let mut looks = 0;
+        let place = std::future::poll_fn(|cx| {
+            looks += 1;
+            self.poll_place(cx, looks > MAX_LOOKS)
+        });
+        match place.await {
             Some(running) => {
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(call))
                     .map_err(|payload| panic_message(payload.as_ref()));
@@ -258,11 +266,15 @@ impl Runner {
         }
     }
 
-    /// A free place (`Some`), or `None` for the blocking pool.
-    fn poll_place(&self, cx: &mut Context<'_>) -> Poll<Option<Running<'_>>> {
+    /// A free place (`Some`), or `None` for the blocking pool: when the call in the
+    /// way is stuck, or when told to `give_up` (it lost the race for one too often).
+    fn poll_place(&self, cx: &mut Context<'_>, give_up: bool) -> Poll<Option<Running<'_>>> {
         let state = &*self.state;
         // A thread past the marks can never take a place: it must not wait for one.
-        if self.watchdog.is_none() || state.stuck.load(Ordering::Relaxed) || state.mine().is_none()
+        if give_up
+            || self.watchdog.is_none()
+            || state.stuck.load(Ordering::Relaxed)
+            || state.mine().is_none()
         {
             return Poll::Ready(None);
         }

@@ -698,8 +698,12 @@ unsafe extern "C" fn host_fail(ctx: *mut c_void, message: RawStr) {
 }
 
 /// How many chunks a stream may have ready beyond the one being written: with the
-/// producer's own buffer, this bounds a stream's memory whatever the client's speed.
+/// producer's own buffer and [`STREAM_CHUNK`], this bounds a stream's memory whatever
+/// the client's speed.
 const STREAM_CHUNKS: usize = 1;
+/// The largest chunk a producer's write is queued as: a larger write is split, so that
+/// a producer writing 100 MiB at once does not make gem hold 100 MiB.
+const STREAM_CHUNK: usize = 64 * 1024;
 
 /// Starts `producer` on a thread of its own and returns the body that carries what it
 /// writes. The body counts as a request in flight (`in_flight`) until it ends. A
@@ -771,12 +775,18 @@ unsafe fn sink<'s>(ctx: *mut c_void) -> &'s SinkState {
 unsafe extern "C" fn sink_write(ctx: *mut c_void, chunk: RawStr) -> i32 {
     // SAFETY: called by the producer during its run.
     let sink = unsafe { sink(ctx) };
-    // SAFETY: valid for the call; copied here.
-    let bytes = Bytes::copy_from_slice(unsafe { chunk.as_bytes() });
-    match sink.tx.blocking_send(Ok(bytes)) {
-        Ok(()) => 0,
-        Err(_) => IO_ERROR,
+    // SAFETY: valid for the call; copied here, a piece at a time.
+    let data = unsafe { chunk.as_bytes() };
+    for piece in data.chunks(STREAM_CHUNK) {
+        if sink
+            .tx
+            .blocking_send(Ok(Bytes::copy_from_slice(piece)))
+            .is_err()
+        {
+            return IO_ERROR;
+        }
     }
+    0
 }
 
 unsafe extern "C" fn sink_is_draining(ctx: *mut c_void) -> bool {
