@@ -37,35 +37,37 @@ const NOTES: &str = "## Reading the misses
   the worker thread that read it, at most `workers - 1` at once, with a watchdog
   thread that wakes a sleeping worker when such a call runs long (`src/inline.rs`;
   the test suite catches the stall if the watchdog is removed). What moved gem from
-  0.71-0.79 of hyper to about 0.89 (2026-11-27, measured with per-request CPU time of
-  each server under the same wrk load): the calls that found the one inline place
-  taken (on 2 workers, about one in six) spun, then hopped to the blocking pool;
-  they now wait while their worker serves other connections and are woken, on the
-  worker whose call ended, to run inline (about 5 %). The inline places were one
-  shared table whose cache line moved between the workers on every call; each thread
-  now marks its own line. A bodiless request is answered inside hyper's service call,
-  so hyper moves a small future instead of a large one. And hyper's per-request
-  header-read timer (a boxed sleep and two timer-wheel locks) is replaced by one
-  deadline per connection, swept a few times a second. What is left: gem spends about
-  6.3 µs of CPU per request against hyper's 5.4. By `perf` (one sample each, read as
-  shares) most of the difference is kernel scheduling: gem's workers are preempted
-  about twice as often by wrk's threads, and the watchdog wakes 1,000 times a second
-  while calls run inline; the rest is the plugin call, the inline bookkeeping and
-  copies of the request and response. Scenario 13 counts allocations exactly: hyper's
-  ceiling makes 4.0 a request and gem 2.0 (5.0 with hyper's header-read timer, 19.4
-  before ABI 2).
+  0.71-0.79 of hyper to 0.89-0.98 (2026-11-27; each server's CPU time per request
+  under the same wrk load was 7.9 µs against hyper's 5.4 before, 5.8-6.9 against
+  5.4-5.9 after): the calls that found the one inline place taken (on 2 workers,
+  about one in six) spun, then hopped to the blocking pool; they now wait while their
+  worker serves other connections and are woken, on the worker whose call ended, to
+  run inline (about 5 %). The watchdog looked every 1 ms while calls ran inline, and each look
+  woke a thread that preempted a busy one; it now looks every 4 ms until it has seen
+  a slow call (about 4 %). The inline places were one shared table whose cache line
+  moved between the workers on every call; each thread now marks its own line. A
+  bodiless request is answered inside hyper's service call, so hyper moves a small
+  future instead of a large one, and the response is moved once instead of through
+  four wrappers. hyper's per-request header-read timer (a boxed sleep and two
+  timer-wheel locks) is replaced by one deadline per connection, swept a few times a
+  second. What is left, by `perf`: gem's workers are still preempted by wrk's threads
+  more often than hyper's, and the plugin call, the inline bookkeeping and copies of
+  the request and response. Scenario 13 counts allocations exactly: hyper's ceiling
+  makes 4.0 a request and gem 2.0 (5.0 with hyper's header-read timer, 19.4 before
+  ABI 2).
 - **Stream rate (13).** A streamed body is written by the handler's producer on a
   thread of its own, into a channel that holds one 64 KiB chunk beyond the one being
-  written, so a slow client holds the producer back. That costs 2 to 3 context
-  switches per chunk between the producer and the worker (70,000 a second at
-  1.5 GB/s, about 45 % of gem's CPU in `finish_task_switch` by `perf`), and reads
-  about 0.4-0.5 of hyper, which makes each chunk on its worker. One download's rate
-  moves by a factor of two from run to run, so the scenario takes the median of 5
-  interleaved downloads (earlier single downloads read 0.50 to 1.03). A channel of
-  four chunks was no faster. What should help: a byte budget instead of a chunk
-  count, with the producer woken only once the body has drained below half of it, so
-  that hyper takes several chunks per write and each side sleeps once per several
-  chunks.
+  written, so a slow client holds the producer back. One download's rate moves by a
+  factor of two from run to run (single downloads read 0.4 to 1.03 of hyper), so the
+  scenario takes the median of 5 interleaved downloads, which still moves between
+  about 0.4 and 0.7. With `curl` reading, three threads are busy on 2 cores (the
+  client, the worker writing, the producer copying), against two for hyper, which
+  makes each chunk on its worker; `perf` shows most of gem's time in context switches
+  and the loopback's wake-ups. Tried without a clear gain: a channel of four chunks,
+  and a 256 KiB byte budget that wakes the producer only once half of it is drained
+  (the median read 0.47). What should help: letting the worker pull chunks from a
+  producer that can be called chunk by chunk (an ABI addition), so a fast producer
+  needs no thread of its own.
 - **Restart latency.** nginx reloads by forking its master (no exec, no config parse,
   no dlopen); gem starts a fresh process, as the Go original did. From gem's own log
   timestamps over 15 restarts: 1.0-1.5 ms from the signal until the new process has
