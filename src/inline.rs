@@ -312,7 +312,7 @@ impl Runner {
     fn enter(&self, spin: Duration) -> Option<Running<'_>> {
         let state = &*self.state;
         let mark = state.mine()?;
-        let idle = mark.0.load(Ordering::Relaxed);
+        let mut idle = mark.0.load(Ordering::Relaxed);
         let mut deadline = None;
         loop {
             // Marked before the others are counted, as they mark before counting us
@@ -322,6 +322,9 @@ impl Runner {
             if state.others_running(mark) < state.limit {
                 break;
             }
+            // Backed out one step on, so the watchdog never takes two tries for one
+            // long call.
+            idle += 2;
             mark.0.store(idle, Ordering::SeqCst);
             if spin.is_zero() {
                 return None;
