@@ -66,6 +66,11 @@ struct Socket {
     base: Instant,
     /// `header_read_timeout` in milliseconds; `None` for no limit.
     head_limit_ms: Option<u64>,
+    /// Successful writes so far (written only by the connection's task), and what the
+    /// sweeper saw of them last: a response still being written when the next head
+    /// falls due pushes the deadline back instead of being cut.
+    writes: AtomicU64,
+    swept_writes: AtomicU64,
 }
 
 /// No request head is awaited.
@@ -74,6 +79,15 @@ const NOT_DUE: u64 = u64::MAX;
 impl Socket {
     fn now_ms(&self) -> u64 {
         u64::try_from(self.base.elapsed().as_millis()).unwrap_or(NOT_DUE - 1)
+    }
+
+    /// Counts a write that made progress (only the connection's task writes).
+    fn wrote(&self, result: io::Result<usize>) -> io::Result<usize> {
+        if matches!(result, Ok(n) if n > 0) {
+            let writes = self.writes.load(Ordering::Relaxed);
+            self.writes.store(writes.wrapping_add(1), Ordering::Relaxed);
+        }
+        result
     }
 
     /// From now on, a request head is awaited.
@@ -117,6 +131,8 @@ impl OpenSockets {
             head_due: AtomicU64::new(NOT_DUE),
             base: registry.base,
             head_limit_ms: registry.head_limit_ms,
+            writes: AtomicU64::new(0),
+            swept_writes: AtomicU64::new(0),
         });
         socket.await_head();
         let id = registry.next;
@@ -140,6 +156,7 @@ impl OpenSockets {
             .max(1);
         self.lock().head_limit_ms = Some(limit_ms);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!("no runtime: header_read_timeout is not enforced");
             return;
         };
         let tick = (limit / 8).clamp(Duration::from_millis(10), Duration::from_millis(250));
@@ -177,20 +194,43 @@ async fn sweep(registry: Weak<Mutex<Registry>>, tick: Duration) {
         let Some(registry) = registry.upgrade() else {
             return;
         };
-        let late: Vec<Arc<Socket>> = {
+        let (now, late): (u64, Vec<(u64, Arc<Socket>)>) = {
             let registry = registry.lock().unwrap_or_else(PoisonError::into_inner);
             let now = u64::try_from(registry.base.elapsed().as_millis()).unwrap_or(NOT_DUE - 1);
-            registry
+            let late = registry
                 .sockets
                 .values()
                 .filter_map(Weak::upgrade)
-                .filter(|s| s.head_due.load(Ordering::Relaxed) < now)
-                .collect()
+                .filter_map(|s| {
+                    let due = s.head_due.load(Ordering::Relaxed);
+                    (due < now).then_some((due, s))
+                })
+                .collect();
+            (now, late)
         };
         drop(registry);
-        for socket in late {
-            // Only once: whatever comes of the shutdown, this head is not awaited again.
-            socket.head_due.store(NOT_DUE, Ordering::Relaxed);
+        for (due, socket) in late {
+            // A response still being written (hyper drops a body once it has queued
+            // it, not once it is sent): the head is due from its last progress.
+            let writes = socket.writes.load(Ordering::Relaxed);
+            if writes != socket.swept_writes.swap(writes, Ordering::Relaxed) {
+                let pushed = now.saturating_add(socket.head_limit_ms.unwrap_or(0));
+                let _ = socket.head_due.compare_exchange(
+                    due,
+                    pushed,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+                continue;
+            }
+            // Only once, and only if no head arrived since it was found late.
+            if socket
+                .head_due
+                .compare_exchange(due, NOT_DUE, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+            {
+                continue;
+            }
             let peer = socket.stream.peer_addr().ok();
             debug!(?peer, "no request head within header_read_timeout: closed");
             let _ = socket2::SockRef::from(&socket.stream).shutdown(Shutdown::Both);
@@ -263,7 +303,7 @@ impl AsyncWrite for TrackedStream {
             ready!(stream.poll_write_ready(cx))?;
             match stream.try_write(buf) {
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                result => return Poll::Ready(result),
+                result => return Poll::Ready(self.stream.wrote(result)),
             }
         }
     }
@@ -278,7 +318,7 @@ impl AsyncWrite for TrackedStream {
             ready!(stream.poll_write_ready(cx))?;
             match stream.try_write_vectored(bufs) {
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                result => return Poll::Ready(result),
+                result => return Poll::Ready(self.stream.wrote(result)),
             }
         }
     }

@@ -25,9 +25,11 @@
 //! limit. A call that finds no free place first spins for up to 10 µs for one (a fast
 //! handler's call takes a microsecond or two). If none comes free, its request leaves
 //! the worker's fast path and waits: the worker serves its other connections, and the
-//! next call to end wakes the waiting one on its own worker, where it runs inline. Only
-//! a call waiting behind one that has run a whole watchdog tick goes to the blocking
-//! pool.
+//! next call to end wakes the waiting one on its own worker, where it runs inline (the
+//! watchdog also wakes waiting calls at each tick, so none waits on a call end that
+//! will not come). A waiting call goes to the blocking pool when no place is free and
+//! the call in its way has run a whole watchdog tick, or after it has lost the race for
+//! a place 8 times.
 //!
 //! Tried and dropped: `block_in_place` for calls that find no free place (it hands the
 //! worker to a new thread every time; under load the process grew to 50-90 threads and
@@ -85,17 +87,19 @@ const MAX_LOOKS: u32 = 8;
 /// the next inline call.
 const QUIET_TICKS: u32 = 50;
 /// Threads that may run calls inline for one runner, at least: twice the workers if
-/// that is more. A thread past them sends its calls to the blocking pool. (A thread
-/// keeps the mark of the last runner it called for; a process serves with one runner
-/// at a time.)
+/// that is more. A thread past them sends its calls to the blocking pool.
 const MARKS: usize = 64;
 
 /// Numbers runners, so a thread's cached mark index is never taken for another's.
 static RUNNERS: AtomicU64 = AtomicU64::new(1);
 
+/// Runners a thread remembers its mark for: the serving one and the one before it
+/// (a resumed or a probation-failed generation serves beside the old one for a while).
+const REMEMBERED: usize = 4;
+
 thread_local! {
-    /// This thread's mark: (the runner's number, its index there).
-    static MINE: Cell<(u64, usize)> = const { Cell::new((0, 0)) };
+    /// This thread's marks: (a runner's number, its index there), the latest first.
+    static MINE: Cell<[(u64, usize); REMEMBERED]> = const { Cell::new([(0, 0); REMEMBERED]) };
 }
 
 /// Runs handler calls for one generation. See the module documentation.
@@ -169,18 +173,20 @@ impl State {
     }
 
     fn in_use(&self) -> &[Mark] {
-        let n = self.claimed.load(Ordering::Acquire).min(self.marks.len());
+        let n = self.claimed.load(Ordering::SeqCst).min(self.marks.len());
         &self.marks[..n]
     }
 
     /// This thread's mark, claimed on its first call (`None` once all are claimed).
     fn mine(&self) -> Option<&Mark> {
-        let (runner, index) = MINE.get();
-        if runner == self.id {
+        let mut mine = MINE.get();
+        if let Some(&(_, index)) = mine.iter().find(|(runner, _)| *runner == self.id) {
             return self.marks.get(index);
         }
-        let index = self.claimed.fetch_add(1, Ordering::AcqRel);
-        MINE.set((self.id, index));
+        let index = self.claimed.fetch_add(1, Ordering::SeqCst);
+        mine.rotate_right(1);
+        mine[0] = (self.id, index);
+        MINE.set(mine);
         self.marks.get(index)
     }
 
@@ -234,7 +240,12 @@ impl Runner {
     /// [`Runner::run_blocking`], `call` may borrow. A panic becomes `Err` with its
     /// message.
     pub(crate) fn try_inline<T>(&self, call: impl FnOnce() -> T) -> Option<Result<T, String>> {
-        let _running = self.enter(SPIN)?;
+        // No spinning behind a call that has run a whole tick.
+        let spin = match self.state.stuck.load(Ordering::Relaxed) {
+            true => Duration::ZERO,
+            false => SPIN,
+        };
+        let _running = self.enter(spin)?;
         Some(
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(call))
                 .map_err(|payload| panic_message(payload.as_ref())),
@@ -271,15 +282,14 @@ impl Runner {
     fn poll_place(&self, cx: &mut Context<'_>, give_up: bool) -> Poll<Option<Running<'_>>> {
         let state = &*self.state;
         // A thread past the marks can never take a place: it must not wait for one.
-        if give_up
-            || self.watchdog.is_none()
-            || state.stuck.load(Ordering::Relaxed)
-            || state.mine().is_none()
-        {
+        if give_up || self.watchdog.is_none() || state.mine().is_none() {
             return Poll::Ready(None);
         }
         if let Some(running) = self.enter(Duration::ZERO) {
             return Poll::Ready(Some(running));
+        }
+        if state.stuck.load(Ordering::Relaxed) {
+            return Poll::Ready(None);
         }
         {
             let mut waiters = state.waiters();
@@ -427,10 +437,14 @@ fn watch(state: &Weak<State>, runtime: &Handle) {
             s.stuck.store(stuck, Ordering::Relaxed);
         }
         let waiting = s.waiting.load(Ordering::SeqCst) > 0;
-        if stuck && waiting {
-            // Calls waiting behind a slow one go to the blocking pool.
+        if waiting {
+            // Behind a slow call they go to the blocking pool. Otherwise they look
+            // again: two that backed out of each other's way at once, with no call
+            // running to wake them, would wait for the next call to end. (Each gives
+            // up after `MAX_LOOKS` looks.)
             s.wake_waiters();
         }
+        active |= waiting;
         alert = if stuck {
             ALERT_TICKS
         } else {
@@ -541,5 +555,13 @@ mod tests {
         let (first, second) = outcome;
         assert_eq!(first, Some(Err("the handler panicked: boom".to_owned())));
         assert_eq!(second, Some(Ok(2)));
+        // No mark is left marking a call as running.
+        assert!(
+            runner
+                .state
+                .in_use()
+                .iter()
+                .all(|m| m.0.load(Ordering::SeqCst) & 1 == 0)
+        );
     }
 }

@@ -285,7 +285,11 @@ fn answer_now(req: HttpRequest<Incoming>, facts: ConnFacts, ctx: &ServeContext) 
     }
     // Reading a body may wake the connection task onto this worker (HTTP/2 flow
     // control); a handler run inline would hold it up, so only bodiless calls may.
-    if !req.body().is_end_stream() || !ctx.handler.runs_inline() {
+    // An HTTP/2 service call runs in the connection's own task (hyper polls what it
+    // returns in a task per stream): answered here, one call would hold up every
+    // stream of the connection.
+    if !req.body().is_end_stream() || !ctx.handler.runs_inline() || req.version() >= Version::HTTP_2
+    {
         return Now::Not(req);
     }
     let _in_flight = ctx.drain.request_ref();
@@ -311,9 +315,7 @@ async fn call_handler(
     facts: ConnFacts,
     ctx: &ServeContext,
 ) -> Result<HttpResponse<Body>, HttpResponse<Body>> {
-    if let Some(why) = host_problem(&req) {
-        return Err(plain(StatusCode::BAD_REQUEST, why));
-    }
+    // `answer_now` has checked the head.
     let (parts, body) = req.into_parts();
     let id = next_request_id();
     let bodiless = body.is_end_stream();

@@ -288,6 +288,54 @@ fn header_read_timeout_closes_silent_and_idle_connections_but_not_slow_answers()
     }
 }
 
+#[test]
+fn header_read_timeout_does_not_cut_a_large_answer_a_slow_client_is_still_reading() {
+    let gem = Gem::start(Spec::new(
+        "hello",
+        "header_read_timeout = \"1s\"\nmax_body_size = \"16MiB\"",
+    ));
+    // A small receive buffer, read a little at a time: the 8 MiB answer takes seconds
+    // to go out after hyper has taken the whole body from gem.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    socket.connect(&gem.addr.into()).unwrap();
+    let mut slow: TcpStream = socket.into();
+    slow.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    let body = vec![b'x'; 8 << 20];
+    let head = format!(
+        "POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    slow.write_all(head.as_bytes()).unwrap();
+    slow.write_all(&body).unwrap();
+    let start = std::time::Instant::now();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 128 * 1024];
+    while got.len() < body.len() + 40 {
+        let n = slow.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "closed after {} bytes, {:?}",
+            got.len(),
+            start.elapsed()
+        );
+        got.extend_from_slice(&buf[..n]);
+        // Paces the slow client: about 2.5 MiB a second.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        if String::from_utf8_lossy(&got).contains("\r\n\r\n") {
+            let header_end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            if got.len() - header_end == body.len() {
+                break;
+            }
+        }
+    }
+    assert!(
+        start.elapsed() > std::time::Duration::from_secs(1),
+        "not slow enough to test"
+    );
+    assert!(got.ends_with(b"xxxx"));
+}
+
 /// Sends `head` as raw bytes and returns the response's status line and body.
 fn raw(addr: std::net::SocketAddr, head: &str) -> (String, String) {
     let mut stream = TcpStream::connect(addr).unwrap();
