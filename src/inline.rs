@@ -418,8 +418,10 @@ fn watch(state: &Weak<State>, runtime: &Handle) {
         let Some(s) = state.upgrade() else { return };
         let mut active = false;
         let mut stuck = false;
+        let mut running = false;
         for (i, mark) in s.in_use().iter().enumerate() {
             let now = mark.0.load(Ordering::Acquire);
+            running |= now & 1 == 1;
             if now & 1 == 1 && now == seen[i] {
                 stuck = true;
                 if poked[i] != now {
@@ -437,11 +439,11 @@ fn watch(state: &Weak<State>, runtime: &Handle) {
             s.stuck.store(stuck, Ordering::Relaxed);
         }
         let waiting = s.waiting.load(Ordering::SeqCst) > 0;
-        if waiting {
-            // Behind a slow call they go to the blocking pool. Otherwise they look
-            // again: two that backed out of each other's way at once, with no call
-            // running to wake them, would wait for the next call to end. (Each gives
-            // up after `MAX_LOOKS` looks.)
+        if waiting && (stuck || !running) {
+            // Behind a slow call they go to the blocking pool. With no call running,
+            // they look again: two that backed out of each other's way at once would
+            // otherwise wait for a call end that may not come. (A running call wakes
+            // them as it ends; each gives up after `MAX_LOOKS` looks.)
             s.wake_waiters();
         }
         active |= waiting;
