@@ -39,7 +39,8 @@ const NOTES: &str = "## Reading the misses
   the test suite catches the stall if the watchdog is removed). What moved gem from
   0.71-0.79 of hyper to 0.89-0.98 (2026-11-27; each server's CPU time per request
   under the same wrk load was 7.9 µs against hyper's 5.4 before, 5.8-6.9 against
-  5.4-5.9 after): the calls that found the one inline place taken (on 2 workers,
+  5.4-5.9 after; after the fixes of a review, in a noisier hour, side runs read
+  0.81-0.92): the calls that found the one inline place taken (on 2 workers,
   about one in six) spun, then hopped to the blocking pool; they now wait while their
   worker serves other connections and are woken, on the worker whose call ended, to
   run inline (about 5 %). The watchdog looked every 1 ms while calls ran inline, and each look
