@@ -253,7 +253,8 @@ impl Runner {
     }
 
     /// Runs `call` inline as soon as a place is free, or on the blocking pool if the
-    /// call in the way has run a whole tick (or nothing runs inline here). While it
+    /// call in the way has run a whole tick, after `MAX_LOOKS` lost races for a place,
+    /// or if nothing runs inline here. While it
     /// waits, its worker serves other tasks; the call that frees a place wakes it on
     /// that call's own worker. A panic becomes `Err` with its message.
     pub(crate) async fn run<T, F>(&self, call: F) -> Result<T, String>
