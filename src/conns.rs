@@ -66,11 +66,12 @@ struct Socket {
     base: Instant,
     /// `header_read_timeout` in milliseconds; `None` for no limit.
     head_limit_ms: Option<u64>,
-    /// Successful writes so far (written only by the connection's task), and what the
-    /// sweeper saw of them last: a response still being written when the next head
-    /// falls due pushes the deadline back instead of being cut.
+    /// Successful writes so far (written only by the connection's task); what the
+    /// sweeper saw of them last; and when it last saw them move (ms after `base`): a
+    /// connection that is still writing a response is not cut for a late head.
     writes: AtomicU64,
     swept_writes: AtomicU64,
+    wrote_at: AtomicU64,
 }
 
 /// No request head is awaited.
@@ -133,6 +134,7 @@ impl OpenSockets {
             head_limit_ms: registry.head_limit_ms,
             writes: AtomicU64::new(0),
             swept_writes: AtomicU64::new(0),
+            wrote_at: AtomicU64::new(0),
         });
         socket.await_head();
         let id = registry.next;
@@ -194,35 +196,31 @@ async fn sweep(registry: Weak<Mutex<Registry>>, tick: Duration) {
         let Some(registry) = registry.upgrade() else {
             return;
         };
-        let (now, late): (u64, Vec<(u64, Arc<Socket>)>) = {
+        let late: Vec<(u64, Arc<Socket>)> = {
             let registry = registry.lock().unwrap_or_else(PoisonError::into_inner);
             let now = u64::try_from(registry.base.elapsed().as_millis()).unwrap_or(NOT_DUE - 1);
-            let late = registry
+            registry
                 .sockets
                 .values()
                 .filter_map(Weak::upgrade)
                 .filter_map(|s| {
+                    // hyper drops a body once it has queued it, not once it is sent:
+                    // while a response is still being written, its head is not late.
+                    let writes = s.writes.load(Ordering::Relaxed);
+                    if writes != s.swept_writes.swap(writes, Ordering::Relaxed) {
+                        s.wrote_at.store(now, Ordering::Relaxed);
+                    }
                     let due = s.head_due.load(Ordering::Relaxed);
-                    (due < now).then_some((due, s))
+                    let writing_until = s
+                        .wrote_at
+                        .load(Ordering::Relaxed)
+                        .saturating_add(s.head_limit_ms.unwrap_or(0));
+                    (due < now && writing_until < now).then_some((due, s))
                 })
-                .collect();
-            (now, late)
+                .collect()
         };
         drop(registry);
         for (due, socket) in late {
-            // A response still being written (hyper drops a body once it has queued
-            // it, not once it is sent): the head is due from its last progress.
-            let writes = socket.writes.load(Ordering::Relaxed);
-            if writes != socket.swept_writes.swap(writes, Ordering::Relaxed) {
-                let pushed = now.saturating_add(socket.head_limit_ms.unwrap_or(0));
-                let _ = socket.head_due.compare_exchange(
-                    due,
-                    pushed,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                );
-                continue;
-            }
             // Only once, and only if no head arrived since it was found late.
             if socket
                 .head_due
