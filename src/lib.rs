@@ -22,6 +22,8 @@
 //! - `server`, `accept`, `conns`, `drain`: serving connections, accepting under fd
 //!   exhaustion, the open-connection registry, the drain.
 //! - `plugin` and `inline`: loading a handler `.so`, and where a handler call runs.
+//! - `respond` and `pull`: one request's answer, and a body pulled from a handler's
+//!   reader.
 //! - `wire`: the framed JSON-lines protocol of the control socket and the handover.
 //! - `service`: the pid file and systemd notifications.
 //! - [`tls`]: a TLS listener's certificate and key, checked; the session-ticket keys
@@ -44,6 +46,7 @@ mod lifecycle;
 mod listeners;
 mod metrics;
 mod plugin;
+mod pull;
 mod respond;
 mod runner;
 mod server;

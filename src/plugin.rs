@@ -15,7 +15,8 @@ use bytes::Bytes;
 use gem_plugin::abi::{
     ABI_VERSION, ABI_VERSION_SYMBOL, ENTRY_SYMBOL, FLAG_STATIC, HostApi, IO_ERROR, PANIC_ABORT,
     PANIC_UNWIND, PluginDescriptor, READ_CHUNK, READ_END, RawAddr, RawHeader, RawProducer,
-    RawRequest, RawSink, RawStr, SCHEME_HTTP, SCHEME_HTTPS, WAIT_DRAINING, WAIT_ELAPSED, WAIT_GONE,
+    RawReader, RawRequest, RawSink, RawStr, SCHEME_HTTP, SCHEME_HTTPS, WAIT_DRAINING, WAIT_ELAPSED,
+    WAIT_GONE,
 };
 use http::header::{HeaderName, HeaderValue};
 use http::{Response as HttpResponse, StatusCode, Version};
@@ -421,7 +422,7 @@ pub struct Exchange<'a> {
 #[derive(Debug)]
 struct State {
     response: HttpResponse<Body>,
-    producer: Option<Producer>,
+    stream: Option<Stream>,
     error: Option<HandlerError>,
     /// The whole body, lent as `RawRequest::body` and once through `read_body`.
     whole: Bytes,
@@ -432,9 +433,55 @@ struct State {
     chunk: Bytes,
 }
 
+/// Where a streamed response body comes from.
+#[derive(Debug)]
+pub(crate) enum Stream {
+    /// A producer that writes it on a thread of its own ([`start_stream`]).
+    Push(Producer),
+    /// A reader the host reads as the client takes it ([`crate::respond::Body::pull`]).
+    Pull(Reader),
+}
+
 /// A handler's stream producer, owned by the host until it runs or is dropped.
 #[derive(Debug)]
 pub(crate) struct Producer(RawProducer);
+
+/// A handler's body reader, owned by the host until it is dropped.
+#[derive(Debug)]
+pub(crate) struct Reader(RawReader);
+
+// SAFETY: the ABI requires a reader's state to be movable to any thread (the SDK only
+// accepts `Send` readers), and `read`/`drop` to be callable from any thread, one call
+// at a time (`read` takes `&mut self`).
+unsafe impl Send for Reader {}
+
+impl Reader {
+    /// Reads the next piece of the body into `buf`: how many bytes (0 at its end), or
+    /// why the stream must be cut.
+    pub(crate) fn read(&mut self, buf: &mut [u8]) -> Result<usize, String> {
+        let mut error = RawStr::EMPTY;
+        // SAFETY: the reader is not freed yet (only `Drop` frees it), and `buf` and
+        // `error` are valid, writable and ours for the call.
+        let n = unsafe { (self.0.read)(self.0.state, buf.as_mut_ptr(), buf.len(), &mut error) };
+        match usize::try_from(n) {
+            Ok(n) if n <= buf.len() => Ok(n),
+            Ok(n) => Err(format!(
+                "the stream failed: its reader said it read {n} bytes into {}",
+                buf.len()
+            )),
+            // SAFETY: a failed read points `error` at a message valid until the next
+            // call; copied at once.
+            Err(_) => Err(String::from_utf8_lossy(unsafe { error.as_bytes() }).into_owned()),
+        }
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        // SAFETY: the reader is freed once, here, after its last read.
+        unsafe { (self.0.drop)(self.0.state) };
+    }
+}
 
 // SAFETY: the ABI requires a producer's state to be movable to any thread (the SDK
 // only accepts `Send` producers), and `run`/`drop` to be callable from any thread.
@@ -467,7 +514,7 @@ impl<'a> Exchange<'a> {
             id,
             state: State {
                 response: HttpResponse::new(Body::empty()),
-                producer: None,
+                stream: None,
                 error: None,
                 whole,
                 whole_read: false,
@@ -486,12 +533,12 @@ impl<'a> Exchange<'a> {
         });
     }
 
-    /// The handler's answer: the response (its body empty or whole) and a stream
-    /// producer to run for its body, or why there is none.
-    pub(crate) fn finish(self) -> Result<(HttpResponse<Body>, Option<Producer>), HandlerError> {
+    /// The handler's answer: the response (its body empty or whole) and where its
+    /// streamed body comes from, or why there is none.
+    pub(crate) fn finish(self) -> Result<(HttpResponse<Body>, Option<Stream>), HandlerError> {
         match self.state.error {
             Some(err) => Err(err),
-            None => Ok((self.state.response, self.state.producer)),
+            None => Ok((self.state.response, self.state.stream)),
         }
     }
 
@@ -560,6 +607,7 @@ static HOST: HostApi = HostApi {
     set_body_stream: host_set_body_stream,
     read_body: host_read_body,
     fail: host_fail,
+    set_body_reader: host_set_body_reader,
 };
 
 /// The request's state behind a callback's `ctx`.
@@ -641,14 +689,21 @@ unsafe extern "C" fn host_set_body(ctx: *mut c_void, body: RawStr, flags: u32) {
     let state = unsafe { state(ctx) };
     // SAFETY: the ABI's contract for the bytes and their flags.
     *state.response.body_mut() = Body::full(unsafe { bytes_of(body, flags) });
-    state.producer = None;
+    state.stream = None;
 }
 
 unsafe extern "C" fn host_set_body_stream(ctx: *mut c_void, producer: RawProducer) {
     // SAFETY: as in `host_set_status`.
     let state = unsafe { state(ctx) };
     *state.response.body_mut() = Body::empty();
-    state.producer = Some(Producer(producer));
+    state.stream = Some(Stream::Push(Producer(producer)));
+}
+
+unsafe extern "C" fn host_set_body_reader(ctx: *mut c_void, reader: RawReader) {
+    // SAFETY: as in `host_set_status`.
+    let state = unsafe { state(ctx) };
+    *state.response.body_mut() = Body::empty();
+    state.stream = Some(Stream::Pull(Reader(reader)));
 }
 
 unsafe extern "C" fn host_read_body(ctx: *mut c_void, out: *mut RawStr) -> i32 {

@@ -46,7 +46,7 @@ fn call(
     method: &str,
     target: &str,
     body: &'static [u8],
-) -> Result<(Answer, Option<Producer>), HandlerError> {
+) -> Result<(Answer, Option<Stream>), HandlerError> {
     let (parts, ()) = http::Request::builder()
         .method(method)
         .uri(target)
@@ -56,10 +56,10 @@ fn call(
         .into_parts();
     let mut exchange = Exchange::new(&parts, facts(), 1, BodyIn::Whole(Bytes::from_static(body)));
     handler.handle(&mut exchange);
-    let (resp, producer) = exchange.finish()?;
+    let (resp, stream) = exchange.finish()?;
     let (head, mut body) = resp.into_parts();
     let bytes = body.whole().unwrap_or_default();
-    Ok(((head.status.as_u16(), head.headers, bytes), producer))
+    Ok(((head.status.as_u16(), head.headers, bytes), stream))
 }
 
 fn get(handler: &dyn Handler, target: &str) -> Result<Answer, HandlerError> {
@@ -88,11 +88,40 @@ fn hello_answers_and_survives_its_own_panic() {
         whoami,
         "peer 127.0.0.1:4000\nlocal 127.0.0.1:80\nversion HTTP/1.1\nscheme http\n"
     );
-    let (stream, producer) = call(&plugin, "GET", "/stream", b"").unwrap();
+    let (stream, producer) = call(&plugin, "GET", "/stream?writer=1", b"").unwrap();
     assert_eq!(stream.0, 200);
-    assert!(producer.is_some(), "a stream hands the host its producer");
+    assert!(
+        matches!(producer, Some(Stream::Push(_))),
+        "a stream hands the host its producer"
+    );
     // Dropped unrun: the plugin frees it.
     drop(producer);
+    let (stream, reader) = call(&plugin, "GET", "/stream?mb=1", b"").unwrap();
+    assert_eq!(stream.0, 200);
+    let Some(Stream::Pull(mut reader)) = reader else {
+        panic!("a reader body hands the host its reader");
+    };
+    // The host's buffer bounds each read; the pattern runs on across reads.
+    let mut buf = vec![0u8; 100];
+    assert_eq!(reader.read(&mut buf), Ok(100));
+    assert_eq!(&buf[..20], b"0123456789abcdef0123");
+    assert_eq!(reader.read(&mut buf[..7]), Ok(7));
+    assert_eq!(&buf[..7], b"456789a");
+    let mut left = (1 << 20) - 107;
+    let mut big = vec![0u8; 64 * 1024];
+    while left > 0 {
+        let n = reader.read(&mut big).unwrap();
+        assert!(n > 0 && n <= left, "{n} of {left}");
+        left -= n;
+    }
+    assert_eq!(reader.read(&mut big), Ok(0), "the end");
+    // Read part way and dropped: the plugin frees it.
+    let (_, reader) = call(&plugin, "GET", "/stream?mb=1&panic=1", b"").unwrap();
+    let Some(Stream::Pull(mut reader)) = reader else {
+        panic!("a reader body");
+    };
+    assert_eq!(reader.read(&mut big), Ok(big.len()));
+    drop(reader);
 }
 
 #[test]

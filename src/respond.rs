@@ -17,14 +17,17 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::access_log::Entry;
+use crate::config::HYPER_MAX_BUF;
 use crate::conns::HeadDeadline;
 use crate::drain::Counted;
 use crate::handler::HandlerError;
-use crate::plugin::{BodyIn, Exchange, Producer, start_stream};
+use crate::plugin::{BodyIn, Exchange, Stream, start_stream};
+use crate::pull::Pull;
 use crate::server::{ConnFacts, ServeContext};
 
-/// The body of every response gem sends: bytes it holds whole, or a stream a handler's
-/// producer writes on a thread of its own. Once it is sent (dropped), an HTTP/1
+/// The body of every response gem sends: bytes it holds whole, a stream a handler's
+/// producer writes on a thread of its own, or one gem reads from a handler's reader as
+/// hyper asks for it. Once it is sent (dropped), an HTTP/1
 /// connection's next request head is due ([`HeadDeadline`]).
 #[derive(Debug)]
 pub(crate) struct Body {
@@ -48,9 +51,10 @@ pub(crate) enum Kind {
         /// The stream counts as a request in flight until it ends.
         _in_flight: Counted,
     },
+    Pull(Box<Pull>),
 }
 
-/// A streamed body that ended early: its producer failed or panicked. hyper then ends
+/// A streamed body that ended early: its producer or reader failed or panicked. hyper then ends
 /// the connection without the body's proper end, so the client sees the cut.
 #[derive(Debug, thiserror::Error)]
 #[error("the handler's stream was cut")]
@@ -66,7 +70,7 @@ impl Body {
     pub(crate) fn whole(&mut self) -> Option<Bytes> {
         match &mut self.kind {
             Kind::Whole(bytes) => Some(bytes.take().unwrap_or_default()),
-            Kind::Stream { .. } => None,
+            Kind::Stream { .. } | Kind::Pull(_) => None,
         }
     }
 
@@ -84,6 +88,10 @@ impl Body {
             _in_flight: in_flight,
         })
     }
+
+    pub(crate) fn pull(pull: Pull) -> Body {
+        Body::of(Kind::Pull(Box::new(pull)))
+    }
 }
 
 impl hyper::body::Body for Body {
@@ -99,6 +107,9 @@ impl hyper::body::Body for Body {
             Kind::Stream { rx, .. } => rx
                 .poll_recv(cx)
                 .map(|next| next.map(|chunk| chunk.map(Frame::data))),
+            Kind::Pull(pull) => pull
+                .poll_chunk(cx)
+                .map(|next| next.map(|chunk| chunk.map(Frame::data))),
         }
     }
 
@@ -111,7 +122,7 @@ impl hyper::body::Body for Body {
             Kind::Whole(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
-            Kind::Stream { .. } => SizeHint::default(),
+            Kind::Stream { .. } | Kind::Pull(_) => SizeHint::default(),
         }
     }
 }
@@ -283,6 +294,14 @@ fn answer_now(req: HttpRequest<Incoming>, facts: ConnFacts, ctx: &ServeContext) 
     if let Some(why) = host_problem(&req) {
         return Now::Answered(plain(StatusCode::BAD_REQUEST, why));
     }
+    let max = ctx.limits.max_header_size;
+    // hyper refuses a head past its own buffer bound; gem checks the smaller limit.
+    if max < HYPER_MAX_BUF && req.version() < Version::HTTP_2 && head_len(&req) > max {
+        return Now::Answered(closing(plain(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request head too large\n",
+        )));
+    }
     // Reading a body may wake the connection task onto this worker (HTTP/2 flow
     // control); a handler run inline would hold it up, so only bodiless calls may.
     // An HTTP/2 service call runs in the connection's own task (hyper polls what it
@@ -382,17 +401,23 @@ fn task_failed(why: &str) -> HttpResponse<Body> {
 }
 
 /// The response for what a handler returned: an invalid response is logged and
-/// answered 500; a streamed body gets its producer started.
+/// answered 500; a streamed body gets its producer started, or its reader attached.
 fn answer(
-    result: Result<(HttpResponse<Body>, Option<Producer>), HandlerError>,
+    result: Result<(HttpResponse<Body>, Option<Stream>), HandlerError>,
     parts: &http::request::Parts,
     ctx: &ServeContext,
 ) -> HttpResponse<Body> {
     match result {
         Ok((resp, None)) => resp,
-        Ok((mut resp, Some(producer))) => {
+        Ok((mut resp, Some(stream))) => {
             let what = format!("{} {}", parts.method, parts.uri);
-            *resp.body_mut() = start_stream(producer, ctx.drain.clone(), ctx.drain.request(), what);
+            let in_flight = ctx.drain.request();
+            *resp.body_mut() = match stream {
+                Stream::Push(producer) => {
+                    start_stream(producer, ctx.drain.clone(), in_flight, what)
+                }
+                Stream::Pull(reader) => Body::pull(Pull::new(reader, ctx.clone(), in_flight, what)),
+            };
             resp
         }
         Err(err) => {
@@ -405,6 +430,21 @@ fn answer(
             internal_error()
         }
     }
+}
+
+/// The size of an HTTP/1 request's head as it came: the request line, the headers and
+/// the blank line.
+fn head_len<B>(req: &HttpRequest<B>) -> usize {
+    let uri = req.uri();
+    let target = uri.scheme_str().map_or(0, |s| s.len() + "://".len())
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(1, |pq| pq.as_str().len());
+    // "GET /x HTTP/1.1\r\n"
+    let line = req.method().as_str().len() + 1 + target + " HTTP/1.1\r\n".len();
+    // "name: value\r\n" each, then "\r\n".
+    req.headers().iter().fold(line + 2, |n, (name, value)| {
+        n + name.as_str().len() + value.len() + 4
+    })
 }
 
 /// RFC 9112 §3.2: an HTTP/1.1 request must name its host exactly once (HTTP/1.0 may
@@ -426,8 +466,15 @@ fn internal_error() -> HttpResponse<Body> {
 }
 
 fn too_large() -> HttpResponse<Body> {
-    let mut resp = plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
     // The unread body is still on the wire; this connection cannot be reused.
+    closing(plain(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "request body too large\n",
+    ))
+}
+
+/// `resp`, and the connection closed after it.
+fn closing(mut resp: HttpResponse<Body>) -> HttpResponse<Body> {
     resp.headers_mut()
         .insert(CONNECTION, HeaderValue::from_static("close"));
     resp
@@ -462,5 +509,26 @@ mod tests {
         assert!(host_problem(&req(Version::HTTP_11, &["a"])).is_none());
         assert!(host_problem(&req(Version::HTTP_10, &[])).is_none());
         assert!(host_problem(&req(Version::HTTP_2, &[])).is_none());
+    }
+
+    #[test]
+    fn head_len_counts_the_head_as_sent() {
+        let head = "GET /a?b=c HTTP/1.1\r\nhost: x\r\nx-long: 0123456789\r\n\r\n";
+        let req = HttpRequest::builder()
+            .uri("/a?b=c")
+            .header(HOST, "x")
+            .header("x-long", "0123456789")
+            .body(())
+            .unwrap();
+        assert_eq!(head_len(&req), head.len());
+        let absolute = HttpRequest::builder()
+            .method("OPTIONS")
+            .uri("http://example.com:8080/")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            head_len(&absolute),
+            "OPTIONS http://example.com:8080/ HTTP/1.1\r\n\r\n".len()
+        );
     }
 }

@@ -17,7 +17,7 @@ use tracing::debug;
 
 use crate::accept::Backoff;
 use crate::access_log::AccessLog;
-use crate::config::{HYPER_MAX_HEADERS, Limits};
+use crate::config::{HYPER_MAX_BUF, HYPER_MAX_HEADERS, Limits};
 use crate::conns::{HeadDeadline, TrackedStream};
 use crate::drain::DrainSignal;
 use crate::handler::Handler;
@@ -109,9 +109,15 @@ impl ServeContext {
         // `conns`): hyper's timer costs an allocation and two locks a request.
         drain.limit_heads(limits.header_read_timeout);
         let mut http = auto::Builder::new(TokioExecutor::new());
+        // hyper's `max_buf_size` bounds both what it buffers of a request head as it
+        // reads one and what it queues of a response before it writes: held to
+        // `max_header_size`, a streamed body went out one 64 KiB `writev` at a time (half
+        // hyper's rate, for the kernel's work per write). So hyper keeps its own bound,
+        // which also caps a head's memory as it is read, and `respond` checks the
+        // parsed head against `max_header_size`.
         http.http1()
             .header_read_timeout(None)
-            .max_buf_size(limits.max_header_size);
+            .max_buf_size(limits.max_header_size.max(HYPER_MAX_BUF));
         // hyper parses up to 100 headers in a stack array; any explicit limit makes it
         // allocate per request (about 5 % of throughput, says its documentation).
         if limits.max_headers != HYPER_MAX_HEADERS {

@@ -103,20 +103,23 @@ fn whoami_tells_the_peer_address_the_version_and_the_scheme() {
 #[test]
 fn stream_sends_the_generated_mebibytes() {
     let gem = Gem::start(Spec::new("hello", ""));
-    let resp = get(gem.addr, "/stream?mb=3").unwrap();
-    assert_eq!(resp.status, 200);
-    assert_eq!(resp.body.len(), 3 << 20);
-    assert!(
-        resp.body
-            .iter()
-            .enumerate()
-            .all(|(i, b)| *b == b"0123456789abcdef"[i % 16])
-    );
+    // Read by gem from the handler's reader, and written by a producer on a thread.
+    for target in ["/stream?mb=3", "/stream?mb=3&writer=1"] {
+        let resp = get(gem.addr, target).unwrap();
+        assert_eq!(resp.status, 200, "{target}");
+        assert_eq!(resp.body.len(), 3 << 20, "{target}");
+        assert!(
+            resp.body
+                .iter()
+                .enumerate()
+                .all(|(i, b)| *b == b"0123456789abcdef"[i % 16]),
+            "{target}"
+        );
+    }
     // Over HTTP/2 too.
-    assert_eq!(
-        get_h2(gem.addr, "/stream?mb=2").unwrap().body.len(),
-        2 << 20
-    );
+    for target in ["/stream?mb=2", "/stream?mb=2&writer=1"] {
+        assert_eq!(get_h2(gem.addr, target).unwrap().body.len(), 2 << 20);
+    }
 }
 
 #[test]
@@ -188,31 +191,35 @@ fn events_say_bye_when_a_drain_begins_and_end_cleanly() {
 fn a_slow_reader_holds_the_producer_back_instead_of_growing_memory() {
     let gem = Gem::start(Spec::new("hello", ""));
     let pid = gem.first_pid();
-    // Warm up: the stream thread, the runtime's buffers.
-    assert_eq!(get(gem.addr, "/stream?mb=2").unwrap().body.len(), 2 << 20);
-    let before = rss_kib(pid);
-    let mut raw = Raw::send(gem.addr, "GET", "/stream?mb=256");
-    assert_eq!(raw.chunk().unwrap().len(), 64 * 1024);
-    // Stop reading. Without backpressure the producer would run through its 256 MiB
-    // into memory; with it, it stalls once the socket buffers and gem's few chunks
-    // are full: the process stops using CPU.
-    let mut last = cpu_time(pid);
-    wait_for("the producer to stall", || {
-        std::thread::sleep(Duration::from_millis(300));
-        let now = cpu_time(pid);
-        let idle = now.saturating_sub(last) < Duration::from_millis(5);
-        last = now;
-        idle.then_some(())
-    });
-    let grown = rss_kib(pid).saturating_sub(before);
-    assert!(
-        grown < 16 * 1024,
-        "gem grew by {grown} KiB behind a slow reader"
-    );
-    // Reading on, the whole stream comes through.
-    let (rest, clean) = raw.rest();
-    assert!(clean);
-    assert_eq!(rest.len() + 64 * 1024, 256 << 20);
+    // A body gem reads from the handler's reader, and one a producer writes.
+    for via in ["", "&writer=1"] {
+        // Warm up: the stream thread, the runtime's buffers.
+        let warm = format!("/stream?mb=2{via}");
+        assert_eq!(get(gem.addr, &warm).unwrap().body.len(), 2 << 20);
+        let before = rss_kib(pid);
+        let mut raw = Raw::send(gem.addr, "GET", &format!("/stream?mb=256{via}"));
+        assert_eq!(raw.chunk().unwrap().len(), 64 * 1024, "{via}");
+        // Stop reading. Without backpressure the reader or producer would run through
+        // its 256 MiB into memory; with it, it stalls once the socket buffers and
+        // gem's few chunks are full: the process stops using CPU.
+        let mut last = cpu_time(pid);
+        wait_for("the stream to stall", || {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = cpu_time(pid);
+            let idle = now.saturating_sub(last) < Duration::from_millis(5);
+            last = now;
+            idle.then_some(())
+        });
+        let grown = rss_kib(pid).saturating_sub(before);
+        assert!(
+            grown < 16 * 1024,
+            "gem grew by {grown} KiB behind a slow reader ({via})"
+        );
+        // Reading on, the whole stream comes through.
+        let (rest, clean) = raw.rest();
+        assert!(clean, "{via}");
+        assert_eq!(rest.len() + 64 * 1024, 256 << 20, "{via}");
+    }
 }
 
 #[test]
@@ -236,20 +243,32 @@ fn a_stream_still_running_at_wait_timeout_is_cut_and_counted() {
 #[test]
 fn a_panicking_producer_cuts_its_stream_and_the_server_serves_on() {
     let gem = Gem::start(Spec::new("hello", ""));
-    let mut raw = Raw::send(gem.addr, "GET", "/stream?mb=8&panic=1");
-    let (body, clean) = raw.rest();
-    assert!(!clean, "the client must see the cut");
-    assert!(
-        body.len() >= 1 << 20 && body.len() < 8 << 20,
-        "{}",
-        body.len()
-    );
-    gem.wait_log("the stream panicked: the /stream producer panics on purpose");
-    assert_eq!(get(gem.addr, "/").unwrap().text(), "Hello world.");
-    let started = Instant::now();
-    // Its in-flight count ended with it.
-    wait_for("no request in flight", || {
-        (gem.in_flight() == 0).then_some(())
-    });
-    assert!(started.elapsed() < DEADLINE);
+    // A reader that panics, then a producer.
+    for (i, via) in ["", "&writer=1"].into_iter().enumerate() {
+        let mut raw = Raw::send(gem.addr, "GET", &format!("/stream?mb=8&panic=1{via}"));
+        let (body, clean) = raw.rest();
+        assert!(!clean, "the client must see the cut ({via})");
+        // The panic comes after the first MiB; what hyper had queued of it when the
+        // stream was cut is not sent.
+        assert!(
+            body.len() >= 64 << 10 && body.len() < 8 << 20,
+            "{} ({via})",
+            body.len()
+        );
+        let logged = "GET /stream?mb=8&panic=1";
+        gem.wait_log(&format!(
+            "{logged}{via}: the stream panicked: the /stream producer panics on purpose"
+        ));
+        assert_eq!(
+            gem.count_log("the stream panicked: the /stream producer panics"),
+            i + 1
+        );
+        assert_eq!(get(gem.addr, "/").unwrap().text(), "Hello world.");
+        let started = Instant::now();
+        // Its in-flight count ended with it.
+        wait_for("no request in flight", || {
+            (gem.in_flight() == 0).then_some(())
+        });
+        assert!(started.elapsed() < DEADLINE);
+    }
 }

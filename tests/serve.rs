@@ -101,6 +101,27 @@ fn malformed_and_oversized_requests_are_refused_and_serving_goes_on() {
     let _ = raw.read_to_string(&mut answer);
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
 
+    // Just under the limit, a head is served, on a connection that stays open.
+    let mut raw = TcpStream::connect(gem.addr).unwrap();
+    let fits = |len: usize| {
+        let line = "GET / HTTP/1.1\r\nhost: x\r\nx-big: \r\n\r\n";
+        let big = "a".repeat(len - line.len());
+        format!("GET / HTTP/1.1\r\nhost: x\r\nx-big: {big}\r\n\r\n")
+    };
+    raw.write_all(fits(8 * 1024).as_bytes()).unwrap();
+    raw.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = raw.read(&mut buf).unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    // One byte over, it is refused, and the connection closed.
+    raw.write_all(fits(8 * 1024 + 1).as_bytes()).unwrap();
+    let mut answer = String::new();
+    let _ = raw.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+    assert!(answer.contains("connection: close"), "{answer:?}");
+
     assert_eq!(get(gem.addr, "/").unwrap().status, 200);
 }
 

@@ -44,6 +44,10 @@ pub const INTERNAL_ENV_PREFIX: &str = "GEM_HANDOVER_";
 /// parses up to this many headers without allocating.
 pub(crate) const HYPER_MAX_HEADERS: usize = 100;
 
+/// hyper's own HTTP/1 buffer bound (its default `max_buf_size`): what it buffers of a
+/// request head as it reads one, and what it queues of a response before writing.
+pub(crate) const HYPER_MAX_BUF: usize = 8192 + 4096 * 100;
+
 /// The smallest `max_header_size` accepted: a request line and a few headers.
 const MIN_HEADER_SIZE: usize = 8 * 1024;
 

@@ -27,9 +27,14 @@
 //! also carries the connection's facts (peer and local address, HTTP version,
 //! scheme), a request id, and the host's callbacks ([`HostApi`]). The plugin writes
 //! its answer through them, straight into the host's response: status, headers, and a
-//! body that is either bytes (copied once, or not at all when static) or a
-//! [`RawProducer`] that the host runs on a thread of its own once the head is sent,
-//! pulling chunks through a [`RawSink`] with backpressure. A request with a body first
+//! body that is one of:
+//! - bytes (copied once, or not at all when static);
+//! - a [`RawReader`] that the host reads chunk by chunk into its own buffers as the
+//!   client takes the body (no copy of the host's, and no thread);
+//! - a [`RawProducer`] that the host runs on a thread of its own once the head is
+//!   sent, writing chunks into a [`RawSink`] that blocks while the client is slow.
+//!
+//! A request with a body first
 //! goes through `streams_body`, which may ask to read it in chunks instead of whole.
 //!
 //! # Memory
@@ -40,7 +45,8 @@
 //! (header values, body bytes, stream chunks) is copied by the host before the
 //! callback returns, except static data ([`FLAG_STATIC`]), which lives as long as the
 //! never-unloaded library. A [`RawProducer`]'s state is the plugin's; the host calls
-//! its `run` or its `drop` exactly once.
+//! its `run` or its `drop` exactly once. A [`RawReader`] fills the host's buffers, and
+//! its state is the plugin's too; the host calls its `drop` exactly once.
 //!
 //! # Panics
 //!
@@ -206,6 +212,10 @@ pub struct HostApi {
     /// The handler failed (it panicked): the answer is a 500 and a log line with
     /// `message`, whatever else was set.
     pub fail: unsafe extern "C" fn(ctx: *mut c_void, message: RawStr),
+    /// Makes the body one the host pulls from `reader` (added in gem-plugin 0.2.1:
+    /// check `struct_size` before use). The host takes `reader` and calls it once the
+    /// head is sent, chunk by chunk as the client takes the body (or drops it unread).
+    pub set_body_reader: unsafe extern "C" fn(ctx: *mut c_void, reader: RawReader),
 }
 
 /// A streamed response body, handed to the host with [`HostApi::set_body_stream`].
@@ -221,6 +231,33 @@ pub struct RawProducer {
     /// client is slow (backpressure).
     pub run: unsafe extern "C" fn(state: *mut c_void, sink: *const RawSink),
     /// Frees `state` without running it.
+    pub drop: unsafe extern "C" fn(state: *mut c_void),
+}
+
+/// A response body the host pulls, handed to it with [`HostApi::set_body_reader`]:
+/// for bodies whose bytes are at hand (a file, generated data), it needs no thread of
+/// its own. Owned by the host from then on, which calls `read` until it returns 0 or
+/// fails, then `drop`, once; from any thread, one call at a time (the plugin's reader
+/// state must be `Send`).
+#[repr(C)]
+#[derive(Debug)]
+pub struct RawReader {
+    /// The plugin's reader state.
+    pub state: *mut c_void,
+    /// Fills up to `cap` bytes at `buf` (initialised, writable memory of the host's)
+    /// and returns how many it wrote; 0 at the end of the body. Or returns
+    /// [`IO_ERROR`] and points `error` at a message, valid until the next call on
+    /// `state`: the stream is cut (the client sees it end without its proper end) and
+    /// the message logged. The host may call it right on its I/O threads, as it calls
+    /// `handle`: a read should not wait long (a file read, not a network wait; for
+    /// those, a [`RawProducer`]).
+    pub read: unsafe extern "C" fn(
+        state: *mut c_void,
+        buf: *mut u8,
+        cap: usize,
+        error: *mut RawStr,
+    ) -> i64,
+    /// Frees `state`.
     pub drop: unsafe extern "C" fn(state: *mut c_void),
 }
 

@@ -7,7 +7,9 @@ use std::ffi::c_void;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Once, OnceLock};
 
-use crate::abi::{FLAG_STATIC, HostApi, RawProducer, RawRequest, RawSink, RawStr};
+use crate::abi::{
+    FLAG_STATIC, HostApi, IO_ERROR, RawProducer, RawReader, RawRequest, RawSink, RawStr,
+};
 use crate::http::{Body, BodyWriter, Producer, Sink};
 use crate::{Plugin, Request, Response};
 
@@ -175,7 +177,99 @@ unsafe fn write_response(host: &HostApi, ctx: *mut c_void, response: Response) {
         Body::Bytes(bytes) => unsafe { (host.set_body)(ctx, RawStr::from_bytes(&bytes), 0) },
         // SAFETY: as above; the host owns the producer from now on.
         Body::Stream(produce) => unsafe { (host.set_body_stream)(ctx, into_raw(produce)) },
+        // SAFETY: as above; the host owns the reader from now on. `set_body_reader` is
+        // there only when the host's table is long enough to hold it.
+        Body::Reader(reader) if host_reads(host) => unsafe {
+            (host.set_body_reader)(ctx, reader_into_raw(reader))
+        },
+        // A host from before readers: the reader is copied into a stream instead.
+        Body::Reader(mut reader) => {
+            let produce: Producer = Box::new(move |w| std::io::copy(&mut reader, w).map(drop));
+            // SAFETY: as above.
+            unsafe { (host.set_body_stream)(ctx, into_raw(produce)) }
+        }
     }
+}
+
+/// Whether the host's table has [`HostApi::set_body_reader`] (gem-plugin 0.2.1 on).
+fn host_reads(host: &HostApi) -> bool {
+    let needed = std::mem::offset_of!(HostApi, set_body_reader) + size_of::<usize>();
+    host.struct_size as usize >= needed
+}
+
+/// A [`Response::reader`](crate::Response::reader)'s reader, and the message of its
+/// last failure (lent to the host until the next call).
+struct ReaderState {
+    reader: Box<dyn std::io::Read + Send>,
+    error: String,
+}
+
+fn reader_into_raw(reader: Box<dyn std::io::Read + Send>) -> RawReader {
+    let state = ReaderState {
+        reader,
+        error: String::new(),
+    };
+    RawReader {
+        state: Box::into_raw(Box::new(state)).cast::<c_void>(),
+        read: read_reader,
+        drop: drop_reader,
+    }
+}
+
+/// `RawReader::read`: one read into the host's buffer, retried when interrupted. A
+/// panic or an error becomes [`IO_ERROR`] with its message.
+///
+/// # Safety
+///
+/// `state` comes from [`reader_into_raw`] and is not freed yet, with no other call on
+/// it at the same time; `buf` points to `cap` initialised, writable bytes, and `error`
+/// is writable; both for the call.
+#[allow(unsafe_code)]
+unsafe extern "C" fn read_reader(
+    state: *mut c_void,
+    buf: *mut u8,
+    cap: usize,
+    error: *mut RawStr,
+) -> i64 {
+    // SAFETY: the caller's contract: made by `reader_into_raw`, used by one call at a
+    // time.
+    let state = unsafe { &mut *state.cast::<ReaderState>() };
+    let buf: &mut [u8] = match cap {
+        0 => &mut [],
+        // SAFETY: the caller's contract.
+        _ => unsafe { std::slice::from_raw_parts_mut(buf, cap) },
+    };
+    let reader = &mut state.reader;
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        loop {
+            match reader.read(buf) {
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+                other => return other,
+            }
+        }
+    }));
+    state.error = match outcome {
+        Ok(Ok(n)) if n <= cap => return i64::try_from(n).unwrap_or(i64::MAX),
+        Ok(Ok(n)) => format!("the stream failed: its reader said it read {n} bytes into {cap}"),
+        Ok(Err(err)) => format!("the stream failed: {err}"),
+        Err(payload) => format!("the stream panicked: {}", panic_message(payload.as_ref())),
+    };
+    // SAFETY: the caller's contract; the message lives in `state` until the next call.
+    unsafe { error.write(RawStr::from_bytes(state.error.as_bytes())) };
+    i64::from(IO_ERROR)
+}
+
+/// `RawReader::drop`: frees a reader.
+///
+/// # Safety
+///
+/// As for [`read_reader`]; `state` is not used again.
+#[allow(unsafe_code)]
+unsafe extern "C" fn drop_reader(state: *mut c_void) {
+    // SAFETY: the caller's contract.
+    let state = unsafe { Box::from_raw(state.cast::<ReaderState>()) };
+    // The reader may panic as it drops; no panic may cross the ABI.
+    let _ = catch_unwind(AssertUnwindSafe(move || drop(state)));
 }
 
 fn into_raw(produce: Producer) -> RawProducer {
@@ -318,6 +412,17 @@ mod tests {
 
     struct Probe;
 
+    /// Reads "first", then panics.
+    struct PanicsOnSecondRead(bool);
+
+    impl std::io::Read for PanicsOnSecondRead {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            assert!(!std::mem::replace(&mut self.0, true), "reader panics");
+            buf[..5].copy_from_slice(b"first");
+            Ok(5)
+        }
+    }
+
     impl Plugin for Probe {
         const HAS_SIGNAL_HOOK: bool = true;
 
@@ -333,6 +438,8 @@ mod tests {
                     assert_eq!(w.wait(std::time::Duration::ZERO), Wait::Elapsed);
                     w.send(b"two")
                 }),
+                "/reader" => Response::reader(200, std::io::Cursor::new(b"read by gem".to_vec())),
+                "/reader-panic" => Response::reader(200, PanicsOnSecondRead(false)),
                 "/stream-panic" => Response::stream(200, |w| {
                     w.send(b"one")?;
                     panic!("producer panics")
@@ -388,6 +495,7 @@ mod tests {
         body_flags: u32,
         failed: Option<String>,
         producer: Option<RawProducer>,
+        reader: Option<RawReader>,
         chunks: Vec<&'static [u8]>,
         written: Vec<Vec<u8>>,
     }
@@ -418,6 +526,10 @@ mod tests {
     unsafe extern "C" fn set_body_stream(ctx: *mut c_void, producer: RawProducer) {
         // SAFETY: as above.
         unsafe { (*ctx.cast::<Seen>()).producer = Some(producer) };
+    }
+    unsafe extern "C" fn set_body_reader(ctx: *mut c_void, reader: RawReader) {
+        // SAFETY: as above.
+        unsafe { (*ctx.cast::<Seen>()).reader = Some(reader) };
     }
     unsafe extern "C" fn read_body(ctx: *mut c_void, out: *mut RawStr) -> i32 {
         // SAFETY: as above.
@@ -459,9 +571,26 @@ mod tests {
         set_body_stream,
         read_body,
         fail,
+        set_body_reader,
+    };
+
+    /// A host from before readers: its table ends before `set_body_reader`.
+    static OLD_HOST: HostApi = HostApi {
+        struct_size: std::mem::offset_of!(HostApi, set_body_reader) as u32,
+        ..HOST
     };
 
     fn call(
+        handle: impl Fn(*const RawRequest),
+        method: &[u8],
+        target: &[u8],
+        chunks: Vec<&'static [u8]>,
+    ) -> Seen {
+        call_host(&HOST, handle, method, target, chunks)
+    }
+
+    fn call_host(
+        host: &'static HostApi,
         handle: impl Fn(*const RawRequest),
         method: &[u8],
         target: &[u8],
@@ -487,7 +616,7 @@ mod tests {
             local: RawAddr::NONE,
             request_id: 7,
             body_streamed: 1,
-            host: &HOST,
+            host,
             ctx: (&raw mut seen).cast::<c_void>(),
         };
         handle(&req);
@@ -502,6 +631,26 @@ mod tests {
             // SAFETY: a producer from the plugin, run once with a valid sink.
             unsafe { (producer.run)(producer.state, &sink) };
         }
+        if let Some(reader) = seen.reader.take() {
+            // Small reads, to see each one bounded by the buffer it gets.
+            let mut buf = [0u8; 5];
+            loop {
+                let mut error = RawStr::EMPTY;
+                // SAFETY: a reader from the plugin, with a valid buffer and error slot.
+                let n =
+                    unsafe { (reader.read)(reader.state, buf.as_mut_ptr(), buf.len(), &mut error) };
+                match usize::try_from(n) {
+                    Ok(0) => break,
+                    Ok(n) => seen.written.push(buf[..n].to_vec()),
+                    Err(_) => {
+                        seen.failed = Some(text(error));
+                        break;
+                    }
+                }
+            }
+            // SAFETY: freed once, after its last read.
+            unsafe { (reader.drop)(reader.state) };
+        }
         seen
     }
 
@@ -512,7 +661,7 @@ mod tests {
         assert_eq!(d.struct_size as usize, size_of::<PluginDescriptor>());
         // SAFETY: static strings.
         let (name, version) = unsafe { (d.name.as_bytes(), d.version.as_bytes()) };
-        assert_eq!((name, version), (&b"gem-plugin"[..], &b"0.2.0"[..]));
+        assert_eq!((name, version), (&b"gem-plugin"[..], &b"0.2.1"[..]));
         assert!(d.on_signal.is_some());
         // These tests catch panics, so they run with panic = "unwind".
         assert_eq!(d.panic_strategy, PANIC_UNWIND);
@@ -560,6 +709,23 @@ mod tests {
             error.starts_with("the stream panicked: producer panics"),
             "{error}"
         );
+
+        // A reader is read by the host, a buffer at a time.
+        let seen = call(handle, b"GET", b"/reader", vec![]);
+        assert_eq!(seen.written.concat(), b"read by gem");
+        assert_eq!(seen.written[0], b"read ");
+        assert!(seen.failed.is_none());
+        let seen = call(handle, b"GET", b"/reader-panic", vec![]);
+        assert_eq!(seen.written, vec![b"first".to_vec()]);
+        let error = seen.failed.unwrap();
+        assert!(
+            error.starts_with("the stream panicked: reader panics"),
+            "{error}"
+        );
+        // A host from before readers gets the same bytes as a stream.
+        let seen = call_host(&OLD_HOST, handle, b"GET", b"/reader", vec![]);
+        assert!(seen.reader.is_none());
+        assert_eq!(seen.written.concat(), b"read by gem");
 
         let seen = call(handle, b"POST", b"/count", vec![b"abc", b"de"]);
         assert_eq!(seen.body, b"5 Some(127.0.0.1:4000)");
