@@ -90,6 +90,34 @@ async fn in_process_handlers_may_use_the_runtime() {
     assert_eq!(running.exit(Signal::TERM).await, Exit::Shutdown { cut: 0 });
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_in_process_handler_s_reader_is_read_off_the_workers() {
+    /// Three reads of `abc`, each asking the runtime for its bytes: on a worker
+    /// thread, `block_on` would panic and cut the stream.
+    struct Runtime(u8);
+    impl std::io::Read for Runtime {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.0 == 3 {
+                return Ok(0);
+            }
+            self.0 += 1;
+            let piece = tokio::runtime::Handle::current()
+                .block_on(async { tokio::spawn(async { *b"abc" }).await.unwrap() });
+            buf[..3].copy_from_slice(&piece);
+            Ok(3)
+        }
+    }
+    let server = Server::builder().handler(|_| Response::reader(200, Runtime(0)));
+    let running = Running::start(server).await;
+    let answer = running.get().await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.ends_with("\r\n\r\n3\r\nabc\r\n3\r\nabc\r\n3\r\nabc\r\n0\r\n\r\n"),
+        "{answer}"
+    );
+    assert_eq!(running.exit(Signal::TERM).await, Exit::Shutdown { cut: 0 });
+}
+
 /// A library server on 127.0.0.1, driven by signals the test sends, with a control
 /// socket to find its address.
 struct Running {
