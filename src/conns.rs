@@ -5,8 +5,10 @@
 //! The request-head deadline is kept here rather than by hyper: hyper's own timer boxes
 //! a new sleep and takes the timer wheel's lock twice for every request. Here a request
 //! costs two stores to its connection's deadline (cleared when its head has arrived,
-//! set again once its response is sent), and one task per generation looks over the
-//! deadlines a few times a second and shuts down the sockets past theirs.
+//! set again once its response is sent) and a read of the kernel's coarse clock (a few
+//! milliseconds fine, and a fraction of what `Instant::now()` costs), and one task per
+//! generation looks over the deadlines a few times a second and shuts down the sockets
+//! past theirs.
 //!
 //! A connection task stuck in a handler running on its worker thread cannot see the
 //! cut, so the drain shuts its socket down under it. The registry holds a [`Weak`]
@@ -20,7 +22,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
@@ -39,8 +41,6 @@ pub struct OpenSockets {
 struct Registry {
     next: u64,
     sockets: HashMap<u64, Weak<Socket>>,
-    /// What a socket's deadlines count from.
-    base: Instant,
     /// `header_read_timeout` in milliseconds, once [`OpenSockets::limit_heads`] set it.
     head_limit_ms: Option<u64>,
 }
@@ -50,7 +50,6 @@ impl Default for Registry {
         Registry {
             next: 0,
             sockets: HashMap::new(),
-            base: Instant::now(),
             head_limit_ms: None,
         }
     }
@@ -60,14 +59,13 @@ impl Default for Registry {
 #[derive(Debug)]
 struct Socket {
     stream: TcpStream,
-    /// Milliseconds after `base` by which the next request head must have arrived;
+    /// The time ([`now_ms`]) by which the next request head must have arrived;
     /// [`NOT_DUE`] while a request is being answered (or on HTTP/2).
     head_due: AtomicU64,
-    base: Instant,
     /// `header_read_timeout` in milliseconds; `None` for no limit.
     head_limit_ms: Option<u64>,
     /// Successful writes so far (written only by the connection's task); what the
-    /// sweeper saw of them last; and when it last saw them move (ms after `base`): a
+    /// sweeper saw of them last; and when it last saw them move ([`now_ms`]): a
     /// connection that is still writing a response is not cut for a late head.
     writes: AtomicU64,
     swept_writes: AtomicU64,
@@ -77,11 +75,18 @@ struct Socket {
 /// No request head is awaited.
 const NOT_DUE: u64 = u64::MAX;
 
-impl Socket {
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(NOT_DUE - 1)
-    }
+/// Milliseconds on the kernel's coarse monotonic clock: it moves at each scheduler
+/// tick (a few ms), which is fine enough for deadlines of a second or more.
+fn now_ms() -> u64 {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse);
+    let ms = u64::try_from(now.tv_sec)
+        .unwrap_or(0)
+        .saturating_mul(1000)
+        .saturating_add(u64::try_from(now.tv_nsec / 1_000_000).unwrap_or(0));
+    ms.min(NOT_DUE - 1)
+}
 
+impl Socket {
     /// Counts a write that made progress (only the connection's task writes).
     fn wrote(&self, result: io::Result<usize>) -> io::Result<usize> {
         if matches!(result, Ok(n) if n > 0) {
@@ -94,7 +99,7 @@ impl Socket {
     /// From now on, a request head is awaited.
     fn await_head(&self) {
         if let Some(limit) = self.head_limit_ms {
-            let due = self.now_ms().saturating_add(limit).min(NOT_DUE - 1);
+            let due = now_ms().saturating_add(limit).min(NOT_DUE - 1);
             self.head_due.store(due, Ordering::Relaxed);
         }
     }
@@ -130,7 +135,6 @@ impl OpenSockets {
         let socket = Arc::new(Socket {
             stream,
             head_due: AtomicU64::new(NOT_DUE),
-            base: registry.base,
             head_limit_ms: registry.head_limit_ms,
             writes: AtomicU64::new(0),
             swept_writes: AtomicU64::new(0),
@@ -198,7 +202,7 @@ async fn sweep(registry: Weak<Mutex<Registry>>, tick: Duration) {
         };
         let late: Vec<(u64, Arc<Socket>)> = {
             let registry = registry.lock().unwrap_or_else(PoisonError::into_inner);
-            let now = u64::try_from(registry.base.elapsed().as_millis()).unwrap_or(NOT_DUE - 1);
+            let now = now_ms();
             registry
                 .sockets
                 .values()
