@@ -37,7 +37,7 @@ pub struct OpenSockets {
 
 /// The tracked sockets by id; an id is never reused, so a late removal cannot hit a
 /// newer socket.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Registry {
     next: u64,
     sockets: HashMap<u64, Weak<Socket>>,
@@ -45,15 +45,6 @@ struct Registry {
     head_limit_ms: Option<u64>,
 }
 
-impl Default for Registry {
-    fn default() -> Self {
-        Registry {
-            next: 0,
-            sockets: HashMap::new(),
-            head_limit_ms: None,
-        }
-    }
-}
 
 /// A client connection's socket and the time its next request head is due by.
 #[derive(Debug)]
