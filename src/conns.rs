@@ -45,7 +45,6 @@ struct Registry {
     head_limit_ms: Option<u64>,
 }
 
-
 /// A client connection's socket and the time its next request head is due by.
 #[derive(Debug)]
 struct Socket {
