@@ -56,19 +56,20 @@ const NOTES: &str = "## Reading the misses
   the request and response. Scenario 13 counts allocations exactly: hyper's ceiling
   makes 4.0 a request and gem 2.0 (5.0 with hyper's header-read timer, 19.4 before
   ABI 2).
-- **Stream rate (13).** A streamed body is written by the handler's producer on a
-  thread of its own, into a channel that holds one 64 KiB chunk beyond the one being
-  written, so a slow client holds the producer back. One download's rate moves by a
-  factor of two from run to run (single downloads read 0.4 to 1.03 of hyper), so the
-  scenario takes the median of 5 interleaved downloads, which still moves between
-  about 0.4 and 0.7. With `curl` reading, three threads are busy on 2 cores (the
-  client, the worker writing, the producer copying), against two for hyper, which
-  makes each chunk on its worker; `perf` shows most of gem's time in context switches
-  and the loopback's wake-ups. Tried without a clear gain: a channel of four chunks,
-  and a 256 KiB byte budget that wakes the producer only once half of it is drained
-  (the median read 0.47). What should help: letting the worker pull chunks from a
-  producer that can be called chunk by chunk (an ABI addition), so a fast producer
-  needs no thread of its own.
+- **Stream rate (13).** The demo's `/stream` is a `Response::reader`: gem reads it
+  where a handler call runs (on the worker serving the connection when an inline place
+  is free), into 64 KiB buffers that hyper sends as they are and gives back once
+  written; `&writer=1` is the same body from a `Response::stream` producer on a thread
+  of its own. Until 2026-11-27 `/stream` was that producer, and read 0.4 to 0.7 of
+  hyper. The thread hops were not the cause: `perf` put gem's time in the kernel's TCP
+  push, with one `writev` per 64 KiB chunk (16,400 per GiB against hyper's 2,350). gem
+  set hyper's `max_buf_size` to `max_header_size` (64 KiB) to bound a request head,
+  and hyper uses the same bound for how much of a response it queues before a write.
+  hyper now keeps its own bound (about 400 KiB) and gem checks the parsed head against
+  `max_header_size` itself. That alone took the producer to about 0.96 of hyper; the
+  reader reads above 1, as hyper's ceiling allocates a fresh 64 KiB buffer per chunk
+  and gem reuses its own. One download's rate still moves by a factor of up to two
+  between runs, hence the median of 5.
 - **Restart latency.** nginx reloads by forking its master (no exec, no config parse,
   no dlopen); gem starts a fresh process, as the Go original did. From gem's own log
   timestamps over 15 restarts: 1.0-1.5 ms from the signal until the new process has

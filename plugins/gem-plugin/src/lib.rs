@@ -22,7 +22,9 @@
 //! [`Request::scheme`]) plus a request id. A response is a value ([`Response`]);
 //! static text in it (`&'static str`) reaches the client without a copy.
 //!
-//! Streams, both ways:
+//! Streams, both ways: a request body read in chunks; a response body gem reads from
+//! an [`io::Read`](std::io::Read) ([`Response::reader`]), or one a producer writes on a
+//! thread of gem's ([`Response::stream`]), for a body that waits.
 //!
 //! ```no_run
 //! use std::io::{Read, Write};
@@ -47,6 +49,11 @@
 //!                 let n = std::io::copy(&mut req.body_reader(), &mut std::io::sink());
 //!                 Response::text(200, format!("{n:?}"))
 //!             }
+//!             // A file of any size: gem reads it as the client takes it, no thread.
+//!             "/export" => match std::fs::File::open("/var/lib/app/export.csv") {
+//!                 Ok(file) => Response::reader(200, file).with_header("content-type", "text/csv"),
+//!                 Err(err) => Response::text(404, format!("{err}\n")),
+//!             },
 //!             // Ten events a second until a drain begins: then a last one.
 //!             _ => Response::stream(200, |w| loop {
 //!                 w.write_all(b"data: tick\n\n")?;
