@@ -19,8 +19,8 @@
 //! - `upgrade`: restart: start the new process, wait for ready, roll back on failure.
 //! - `handover` and `exec`: the fds handed between generations, and the exact `execve`.
 //! - `listeners`: an inherited socket or a freshly bound one for each address.
-//! - `server`, `accept`, `conns`, `drain`: serving connections, accepting under fd
-//!   exhaustion, the open-connection registry, the drain.
+//! - `server`, `proto`, `accept`, `conns`, `drain`: serving connections (HTTP/1 or
+//!   HTTP/2), accepting under fd exhaustion, the open-connection registry, the drain.
 //! - `plugin` and `inline`: loading a handler `.so`, and where a handler call runs.
 //! - `respond` and `pull`: one request's answer, and a body pulled from a handler's
 //!   reader.
@@ -46,6 +46,7 @@ mod lifecycle;
 mod listeners;
 mod metrics;
 mod plugin;
+mod proto;
 mod pull;
 mod respond;
 mod runner;

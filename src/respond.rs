@@ -17,7 +17,6 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::access_log::Entry;
-use crate::config::HYPER_MAX_BUF;
 use crate::conns::HeadDeadline;
 use crate::drain::Counted;
 use crate::handler::HandlerError;
@@ -294,14 +293,6 @@ fn answer_now(req: HttpRequest<Incoming>, facts: ConnFacts, ctx: &ServeContext) 
     if let Some(why) = host_problem(&req) {
         return Now::Answered(plain(StatusCode::BAD_REQUEST, why));
     }
-    let max = ctx.limits.max_header_size;
-    // hyper refuses a head past its own buffer bound; gem checks the smaller limit.
-    if max < HYPER_MAX_BUF && req.version() < Version::HTTP_2 && head_len(&req) > max {
-        return Now::Answered(closing(plain(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "request head too large\n",
-        )));
-    }
     // Reading a body may wake the connection task onto this worker (HTTP/2 flow
     // control); a handler run inline would hold it up, so only bodiless calls may.
     // An HTTP/2 service call runs in the connection's own task (hyper polls what it
@@ -432,21 +423,6 @@ fn answer(
     }
 }
 
-/// The size of an HTTP/1 request's head as it came: the request line, the headers and
-/// the blank line.
-fn head_len<B>(req: &HttpRequest<B>) -> usize {
-    let uri = req.uri();
-    let target = uri.scheme_str().map_or(0, |s| s.len() + "://".len())
-        + uri.authority().map_or(0, |a| a.as_str().len())
-        + uri.path_and_query().map_or(1, |pq| pq.as_str().len());
-    // "GET /x HTTP/1.1\r\n"
-    let line = req.method().as_str().len() + 1 + target + " HTTP/1.1\r\n".len();
-    // "name: value\r\n" each, then "\r\n".
-    req.headers().iter().fold(line + 2, |n, (name, value)| {
-        n + name.as_str().len() + value.len() + 4
-    })
-}
-
 /// RFC 9112 §3.2: an HTTP/1.1 request must name its host exactly once (HTTP/1.0 may
 /// omit it; HTTP/2 names it in `:authority`, checked by hyper).
 fn host_problem<B>(req: &HttpRequest<B>) -> Option<&'static str> {
@@ -509,26 +485,5 @@ mod tests {
         assert!(host_problem(&req(Version::HTTP_11, &["a"])).is_none());
         assert!(host_problem(&req(Version::HTTP_10, &[])).is_none());
         assert!(host_problem(&req(Version::HTTP_2, &[])).is_none());
-    }
-
-    #[test]
-    fn head_len_counts_the_head_as_sent() {
-        let head = "GET /a?b=c HTTP/1.1\r\nhost: x\r\nx-long: 0123456789\r\n\r\n";
-        let req = HttpRequest::builder()
-            .uri("/a?b=c")
-            .header(HOST, "x")
-            .header("x-long", "0123456789")
-            .body(())
-            .unwrap();
-        assert_eq!(head_len(&req), head.len());
-        let absolute = HttpRequest::builder()
-            .method("OPTIONS")
-            .uri("http://example.com:8080/")
-            .body(())
-            .unwrap();
-        assert_eq!(
-            head_len(&absolute),
-            "OPTIONS http://example.com:8080/ HTTP/1.1\r\n\r\n".len()
-        );
     }
 }

@@ -1,14 +1,14 @@
-//! The accept loop and per-connection serving (hyper-util's auto HTTP/1 + HTTP/2
-//! builder), with request limits and the drain's `Connection: close` / GOAWAY.
+//! The accept loop and per-connection serving (HTTP/1 or HTTP/2, see `proto`), with
+//! request limits and the drain's `Connection: close` / GOAWAY.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use http::Version;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -23,6 +23,7 @@ use crate::drain::DrainSignal;
 use crate::handler::Handler;
 use crate::inline::Runner;
 use crate::metrics::Metrics;
+use crate::proto::Conn;
 use crate::respond::respond;
 
 /// What a request's handler may know of the connection it came on.
@@ -66,7 +67,8 @@ pub struct Shared {
     pub(crate) handler: Arc<dyn Handler>,
     pub(crate) limits: Limits,
     pub(crate) drain: DrainSignal,
-    pub(crate) http: auto::Builder<TokioExecutor>,
+    pub(crate) h1: http1::Builder,
+    pub(crate) h2: http2::Builder<TokioExecutor>,
     pub(crate) runner: Runner,
     pub(crate) observers: Observers,
 }
@@ -108,30 +110,29 @@ impl ServeContext {
         // `header_read_timeout` is kept by the connections' registry, not by hyper (see
         // `conns`): hyper's timer costs an allocation and two locks a request.
         drain.limit_heads(limits.header_read_timeout);
-        let mut http = auto::Builder::new(TokioExecutor::new());
-        // hyper's `max_buf_size` bounds both what it buffers of a request head as it
-        // reads one and what it queues of a response before it writes: held to
-        // `max_header_size`, a streamed body went out one 64 KiB `writev` at a time (half
-        // hyper's rate, for the kernel's work per write). So hyper keeps its own bound,
-        // which also caps a head's memory as it is read, and `respond` checks the
-        // parsed head against `max_header_size`.
-        http.http1()
-            .header_read_timeout(None)
+        // hyper's `max_buf_size` bounds what it queues of a response before it writes
+        // (and what it buffers of a request head, which `max_header_size` bounds
+        // tighter): held to `max_header_size`, a streamed body went out one 64 KiB
+        // `writev` at a time, at half hyper's rate.
+        let mut h1 = http1::Builder::new();
+        h1.header_read_timeout(None)
+            .max_header_size(limits.max_header_size)
             .max_buf_size(limits.max_header_size.max(HYPER_MAX_BUF));
         // hyper parses up to 100 headers in a stack array; any explicit limit makes it
         // allocate per request (about 5 % of throughput, says its documentation).
         if limits.max_headers != HYPER_MAX_HEADERS {
-            http.http1().max_headers(limits.max_headers);
+            h1.max_headers(limits.max_headers);
         }
-        http.http2()
-            .timer(TokioTimer::new())
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(limits.max_header_size).unwrap_or(u32::MAX))
             .max_concurrent_streams(256);
         ServeContext(Arc::new(Shared {
             handler,
             limits,
             drain,
-            http,
+            h1,
+            h2,
             runner: Runner::for_current_runtime(),
             observers,
         }))
@@ -241,7 +242,7 @@ where
             respond(req, facts, &ctx, after)
         })
     };
-    let conn = ctx.http.serve_connection(TokioIo::new(stream), service);
+    let conn = Conn::new(stream, service, &ctx.h1, &ctx.h2);
     tokio::pin!(conn);
     let drain = &ctx.drain;
     let result = tokio::select! {
