@@ -469,9 +469,15 @@ impl Reader {
                 "the stream failed: its reader said it read {n} bytes into {}",
                 buf.len()
             )),
-            // SAFETY: a failed read points `error` at a message valid until the next
-            // call; copied at once.
-            Err(_) => Err(String::from_utf8_lossy(unsafe { error.as_bytes() }).into_owned()),
+            Err(_) => {
+                // SAFETY: a failed read points `error` at a message valid until the
+                // next call (or leaves it empty); copied at once.
+                let why = String::from_utf8_lossy(unsafe { error.as_bytes() }).into_owned();
+                Err(match why.is_empty() {
+                    true => "the stream failed: its reader gave no reason".to_owned(),
+                    false => why,
+                })
+            }
         }
     }
 }

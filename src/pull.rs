@@ -91,8 +91,12 @@ impl Pull {
             return Poll::Ready(self.took(read.map(|read| (reader, buf, read))));
         }
         let ctx = self.ctx.clone();
+        // The read counts as in flight while it runs, even if the body is dropped
+        // meanwhile (the client went away): the drain waits for the handler's code.
+        let running = ctx.drain.request();
         let call = move || {
             let read = reader.read(&mut buf);
+            drop(running);
             (reader, buf, read)
         };
         self.away = Some(Box::pin(async move {

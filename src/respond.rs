@@ -398,8 +398,22 @@ fn answer(
     parts: &http::request::Parts,
     ctx: &ServeContext,
 ) -> HttpResponse<Body> {
+    // hyper sends no body for HEAD on HTTP/1, but does on HTTP/2 (RFC 9110 §9.3.2 says
+    // it must not): there the body is dropped here, a whole one's length kept.
+    let bodiless = parts.method == http::Method::HEAD && parts.version >= Version::HTTP_2;
     match result {
+        Ok((mut resp, None)) if bodiless => {
+            let len = resp.body().size_hint().exact().unwrap_or_default();
+            if !resp.headers().contains_key(CONTENT_LENGTH) {
+                resp.headers_mut()
+                    .insert(CONTENT_LENGTH, HeaderValue::from(len));
+            }
+            *resp.body_mut() = Body::empty();
+            resp
+        }
         Ok((resp, None)) => resp,
+        // The stream is dropped unread.
+        Ok((resp, Some(_))) if bodiless => resp,
         Ok((mut resp, Some(stream))) => {
             let what = format!("{} {}", parts.method, parts.uri);
             let in_flight = ctx.drain.request();

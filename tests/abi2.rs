@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::client::{get, get_h2, post};
+use common::client::{self, get, get_h2, post};
 use common::{DEADLINE, Gem, Signal, Spec, cpu_time, rss_kib, wait_for};
 
 /// A raw HTTP/1.1 exchange: the request is written, the head read; the body is read
@@ -120,6 +120,28 @@ fn stream_sends_the_generated_mebibytes() {
     for target in ["/stream?mb=2", "/stream?mb=2&writer=1"] {
         assert_eq!(get_h2(gem.addr, target).unwrap().body.len(), 2 << 20);
     }
+}
+
+#[test]
+fn head_answers_carry_no_body_on_either_protocol() {
+    let gem = Gem::start(Spec::new("hello", ""));
+    for h2 in [false, true] {
+        // A whole body's length is told, the body is not sent.
+        let resp = client::send(gem.addr, h2, "HEAD", "/").unwrap();
+        assert_eq!(resp.status, 200, "h2: {h2}");
+        assert!(resp.body.is_empty(), "h2: {h2}: {:?}", resp.body);
+        let len = resp.headers.get("content-length").map(|v| v.as_bytes());
+        assert_eq!(len, Some(&b"12"[..]), "h2: {h2}");
+        // A stream, reader or producer, is not run into the connection.
+        for target in ["/stream?mb=64", "/stream?mb=64&writer=1"] {
+            let resp = client::send(gem.addr, h2, "HEAD", target).unwrap();
+            assert_eq!(resp.status, 200, "h2: {h2}, {target}");
+            assert!(resp.body.is_empty(), "h2: {h2}, {target}");
+        }
+    }
+    wait_for("no request in flight", || {
+        (gem.in_flight() == 0).then_some(())
+    });
 }
 
 #[test]

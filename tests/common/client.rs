@@ -17,6 +17,7 @@ pub struct Resp {
     /// The server asked to close the connection.
     pub close: bool,
     pub version: http::Version,
+    pub headers: http::HeaderMap,
 }
 
 impl Resp {
@@ -43,12 +44,14 @@ async fn read(resp: http::Response<hyper::body::Incoming>) -> Result<Resp, Error
         .headers()
         .get(http::header::CONNECTION)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+    let headers = resp.headers().clone();
     let body = resp.into_body().collect().await?.to_bytes();
     Ok(Resp {
         status,
         body,
         close,
         version,
+        headers,
     })
 }
 
@@ -102,10 +105,14 @@ impl H2 {
     }
 
     pub async fn get(&mut self, path: &str) -> Result<Resp, Error> {
+        self.send("GET", path).await
+    }
+
+    pub async fn send(&mut self, method: &str, path: &str) -> Result<Resp, Error> {
         self.sender.ready().await?;
         let resp = self
             .sender
-            .send_request(request("GET", self.addr, path, Bytes::new()))
+            .send_request(request(method, self.addr, path, Bytes::new()))
             .await?;
         read(resp).await
     }
@@ -142,6 +149,21 @@ pub fn post(addr: SocketAddr, path: &str, body: Vec<u8>) -> Result<Resp, Error> 
 /// `GET path` on a new HTTP/2 connection.
 pub fn get_h2(addr: SocketAddr, path: &str) -> Result<Resp, Error> {
     block_on(async { H2::connect(addr).await?.get(path).await })
+}
+
+/// A bodiless `method path` on a new HTTP/1.1 or HTTP/2 connection.
+pub fn send(addr: SocketAddr, h2: bool, method: &str, path: &str) -> Result<Resp, Error> {
+    block_on(async {
+        match h2 {
+            true => H2::connect(addr).await?.send(method, path).await,
+            false => {
+                H1::connect(addr)
+                    .await?
+                    .send(method, path, Bytes::new())
+                    .await
+            }
+        }
+    })
 }
 
 /// Starts `GET path` on its own thread; join the handle for the result.

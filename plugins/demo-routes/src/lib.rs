@@ -61,6 +61,8 @@ impl Signals {
     }
 }
 
+/// Every `GET` route answers `HEAD` too.
+///
 /// - `GET /`: the greeting.
 /// - `GET /sleep?ms=N`: sleeps N ms (default 1000), then the greeting.
 /// - `GET /panic`: panics (gem answers 500).
@@ -81,7 +83,12 @@ pub fn route(req: &Request<'_>, greeting: &'static str, signals: &Signals) -> Re
             .and_then(|v| v.parse().ok())
             .unwrap_or(default)
     };
-    match (req.method(), req.path()) {
+    // HEAD is answered as GET; gem sends the head alone.
+    let method = match req.method() {
+        "HEAD" => "GET",
+        other => other,
+    };
+    match (method, req.path()) {
         ("GET", "/") => Response::text(200, greeting),
         ("GET", "/sleep") => {
             std::thread::sleep(Duration::from_millis(param("ms", 1000)));

@@ -51,8 +51,9 @@
 //! # Panics
 //!
 //! No panic crosses the boundary: the SDK's `export_plugin!` macro wraps every exported
-//! function, and every producer, in `catch_unwind` and reports a panic through the
-//! host's `fail` callback instead.
+//! function, every producer and every reader (its reads and its drop) in
+//! `catch_unwind`, and reports a panic through the host's `fail` callback, or a
+//! reader's error, instead.
 //!
 //! That only works when panics unwind. In a plugin built with `panic = "abort"` (in a
 //! Cargo profile, or `-C panic=abort`) the first panic aborts the whole process, i.e.
@@ -212,9 +213,11 @@ pub struct HostApi {
     /// The handler failed (it panicked): the answer is a 500 and a log line with
     /// `message`, whatever else was set.
     pub fail: unsafe extern "C" fn(ctx: *mut c_void, message: RawStr),
-    /// Makes the body one the host pulls from `reader` (added in gem-plugin 0.2.1:
-    /// check `struct_size` before use). The host takes `reader` and calls it once the
-    /// head is sent, chunk by chunk as the client takes the body (or drops it unread).
+    /// Makes the body one the host pulls from `reader`. Added in gem-plugin 0.3: a
+    /// gem-plugin 0.2 host's table ends before it, so check `struct_size` first and
+    /// read this field through a raw pointer, without making a `&HostApi` of a table
+    /// that may be shorter. The host takes `reader` and calls it once the head is sent,
+    /// chunk by chunk as the client takes the body (or drops it unread).
     pub set_body_reader: unsafe extern "C" fn(ctx: *mut c_void, reader: RawReader),
 }
 
@@ -257,7 +260,8 @@ pub struct RawReader {
         cap: usize,
         error: *mut RawStr,
     ) -> i64,
-    /// Frees `state`.
+    /// Frees `state`. Like `read`, it may run on the host's I/O threads: it should
+    /// be quick (closing a file, not joining a thread).
     pub drop: unsafe extern "C" fn(state: *mut c_void),
 }
 

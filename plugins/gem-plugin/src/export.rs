@@ -114,8 +114,9 @@ pub unsafe fn serve(
 ) {
     // SAFETY: the caller guarantees `req` and what it points to is valid now.
     let raw = unsafe { &*req };
-    // SAFETY: as above.
-    let host = unsafe { &*raw.host };
+    // Kept a pointer: a host built against an older gem-plugin has a shorter table
+    // (see `set_body_reader`), so no reference to a whole `HostApi` is made.
+    let host = raw.host;
     let reader_taken = std::cell::Cell::new(false);
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: as above.
@@ -137,7 +138,7 @@ pub unsafe fn serve(
         Err(payload) => panic_message(payload.as_ref()),
     };
     // SAFETY: as above; the host copies the message before it returns.
-    unsafe { (host.fail)(raw.ctx, RawStr::from_bytes(message.as_bytes())) };
+    unsafe { ((*host).fail)(raw.ctx, RawStr::from_bytes(message.as_bytes())) };
 }
 
 /// Writes `response` through the host's callbacks.
@@ -146,11 +147,13 @@ pub unsafe fn serve(
 ///
 /// `host` and `ctx` are a request's, valid now.
 #[allow(unsafe_code)]
-unsafe fn write_response(host: &HostApi, ctx: *mut c_void, response: Response) {
+unsafe fn write_response(host: *const HostApi, ctx: *mut c_void, response: Response) {
     let (status, headers, body) = response.into_parts();
     // SAFETY (every call below): the caller's contract; the host copies what it keeps
-    // before it returns, except static data, which lives as long as the library.
-    unsafe { (host.set_status)(ctx, status) };
+    // before it returns, except static data, which lives as long as the library. Each
+    // callback is read through the pointer on its own, from the part of the table
+    // every host since gem-plugin 0.2 has.
+    unsafe { ((*host).set_status)(ctx, status) };
     for (name, value) in headers {
         let flags = match value {
             Cow::Borrowed(_) => FLAG_STATIC,
@@ -159,7 +162,7 @@ unsafe fn write_response(host: &HostApi, ctx: *mut c_void, response: Response) {
         let (name, value) = (name.as_bytes(), value.as_bytes());
         // SAFETY: as above.
         unsafe {
-            (host.add_header)(
+            ((*host).add_header)(
                 ctx,
                 RawStr::from_bytes(name),
                 RawStr::from_bytes(value),
@@ -171,30 +174,48 @@ unsafe fn write_response(host: &HostApi, ctx: *mut c_void, response: Response) {
         Body::Empty => {}
         // SAFETY: as above.
         Body::Static(bytes) => unsafe {
-            (host.set_body)(ctx, RawStr::from_bytes(bytes), FLAG_STATIC)
+            ((*host).set_body)(ctx, RawStr::from_bytes(bytes), FLAG_STATIC)
         },
         // SAFETY: as above.
-        Body::Bytes(bytes) => unsafe { (host.set_body)(ctx, RawStr::from_bytes(&bytes), 0) },
+        Body::Bytes(bytes) => unsafe { ((*host).set_body)(ctx, RawStr::from_bytes(&bytes), 0) },
         // SAFETY: as above; the host owns the producer from now on.
-        Body::Stream(produce) => unsafe { (host.set_body_stream)(ctx, into_raw(produce)) },
-        // SAFETY: as above; the host owns the reader from now on. `set_body_reader` is
-        // there only when the host's table is long enough to hold it.
-        Body::Reader(reader) if host_reads(host) => unsafe {
-            (host.set_body_reader)(ctx, reader_into_raw(reader))
+        Body::Stream(produce) => unsafe { ((*host).set_body_stream)(ctx, into_raw(produce)) },
+        // SAFETY: as above.
+        Body::Reader(mut reader) => match unsafe { set_body_reader(host) } {
+            // SAFETY: as above; the host owns the reader from now on.
+            Some(set) => unsafe { set(ctx, reader_into_raw(reader)) },
+            // A host from before readers: the reader is copied into a stream instead.
+            None => {
+                let produce: Producer = Box::new(move |w| std::io::copy(&mut reader, w).map(drop));
+                // SAFETY: as above.
+                unsafe { ((*host).set_body_stream)(ctx, into_raw(produce)) }
+            }
         },
-        // A host from before readers: the reader is copied into a stream instead.
-        Body::Reader(mut reader) => {
-            let produce: Producer = Box::new(move |w| std::io::copy(&mut reader, w).map(drop));
-            // SAFETY: as above.
-            unsafe { (host.set_body_stream)(ctx, into_raw(produce)) }
-        }
     }
 }
 
-/// Whether the host's table has [`HostApi::set_body_reader`] (gem-plugin 0.2.1 on).
-fn host_reads(host: &HostApi) -> bool {
-    let needed = std::mem::offset_of!(HostApi, set_body_reader) + size_of::<usize>();
-    host.struct_size as usize >= needed
+/// The host's [`HostApi::set_body_reader`], if its table has one (gem-plugin 0.3 on).
+///
+/// # Safety
+///
+/// `host` points to a host's table, valid now, as long as its `struct_size` says.
+#[allow(unsafe_code)]
+unsafe fn set_body_reader(
+    host: *const HostApi,
+) -> Option<unsafe extern "C" fn(*mut c_void, RawReader)> {
+    let at = std::mem::offset_of!(HostApi, set_body_reader);
+    // SAFETY: `struct_size` is the first field of every version of the table.
+    let size = unsafe { host.cast::<u32>().read() } as usize;
+    if size < at + size_of::<usize>() {
+        return None;
+    }
+    // SAFETY: the table is long enough to hold the field, which is a function pointer
+    // of this type in every version that has it.
+    Some(unsafe {
+        host.byte_add(at)
+            .cast::<unsafe extern "C" fn(*mut c_void, RawReader)>()
+            .read()
+    })
 }
 
 /// A [`Response::reader`](crate::Response::reader)'s reader, and the message of its
@@ -574,10 +595,27 @@ mod tests {
         set_body_reader,
     };
 
-    /// A host from before readers: its table ends before `set_body_reader`.
-    static OLD_HOST: HostApi = HostApi {
-        struct_size: std::mem::offset_of!(HostApi, set_body_reader) as u32,
-        ..HOST
+    /// A host from before readers: its table (gem-plugin 0.2) ends before
+    /// `set_body_reader`, and is that much shorter.
+    #[repr(C)]
+    struct OldHostApi {
+        struct_size: u32,
+        set_status: unsafe extern "C" fn(ctx: *mut c_void, status: u16),
+        add_header: unsafe extern "C" fn(*mut c_void, RawStr, RawStr, u32),
+        set_body: unsafe extern "C" fn(ctx: *mut c_void, body: RawStr, flags: u32),
+        set_body_stream: unsafe extern "C" fn(ctx: *mut c_void, producer: RawProducer),
+        read_body: unsafe extern "C" fn(ctx: *mut c_void, out: *mut RawStr) -> i32,
+        fail: unsafe extern "C" fn(ctx: *mut c_void, message: RawStr),
+    }
+
+    static OLD_HOST: OldHostApi = OldHostApi {
+        struct_size: size_of::<OldHostApi>() as u32,
+        set_status,
+        add_header,
+        set_body,
+        set_body_stream,
+        read_body,
+        fail,
     };
 
     fn call(
@@ -590,7 +628,7 @@ mod tests {
     }
 
     fn call_host(
-        host: &'static HostApi,
+        host: *const HostApi,
         handle: impl Fn(*const RawRequest),
         method: &[u8],
         target: &[u8],
@@ -661,7 +699,7 @@ mod tests {
         assert_eq!(d.struct_size as usize, size_of::<PluginDescriptor>());
         // SAFETY: static strings.
         let (name, version) = unsafe { (d.name.as_bytes(), d.version.as_bytes()) };
-        assert_eq!((name, version), (&b"gem-plugin"[..], &b"0.2.1"[..]));
+        assert_eq!((name, version), (&b"gem-plugin"[..], &b"0.3.0"[..]));
         assert!(d.on_signal.is_some());
         // These tests catch panics, so they run with panic = "unwind".
         assert_eq!(d.panic_strategy, PANIC_UNWIND);
@@ -723,7 +761,9 @@ mod tests {
             "{error}"
         );
         // A host from before readers gets the same bytes as a stream.
-        let seen = call_host(&OLD_HOST, handle, b"GET", b"/reader", vec![]);
+        assert!(size_of::<OldHostApi>() < size_of::<HostApi>());
+        let old = (&raw const OLD_HOST).cast::<HostApi>();
+        let seen = call_host(old, handle, b"GET", b"/reader", vec![]);
         assert!(seen.reader.is_none());
         assert_eq!(seen.written.concat(), b"read by gem");
 

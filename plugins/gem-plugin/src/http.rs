@@ -403,7 +403,8 @@ pub type Text = Cow<'static, str>;
 /// What a streamed body runs: it writes the body (see [`Response::stream`]).
 pub type Producer = Box<dyn FnOnce(&mut BodyWriter<'_>) -> io::Result<()> + Send>;
 
-/// A response body.
+/// A response body. More kinds may come in later versions (readers came in 0.3).
+#[non_exhaustive]
 pub enum Body {
     /// No body.
     Empty,
@@ -531,7 +532,8 @@ impl Response {
     /// gem calls `read` wherever it can do so soonest, possibly right on the thread
     /// that serves the connection, as it calls [`Plugin::handle`](crate::Plugin::handle):
     /// a read may take as long as a file read, but should not wait for something to
-    /// happen (a network peer, a timer, a queue). A body that waits, or that should
+    /// happen (a network peer, a timer, a queue), and dropping the reader should be as
+    /// quick (closing a file, not joining a thread). A body that waits, or that should
     /// end early when gem drains, is a [`Response::stream`]. A panic or an `Err` (other
     /// than [`io::ErrorKind::Interrupted`], which is retried) cuts the body (the client
     /// sees it end early) and is logged.
