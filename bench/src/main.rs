@@ -51,9 +51,12 @@ const NOTES: &str = "## Reading the misses
   future instead of a large one, and the response is moved once instead of through
   four wrappers. hyper's per-request header-read timer (a boxed sleep and two
   timer-wheel locks) is replaced by one deadline per connection, swept a few times a
-  second. What is left, by `perf`: gem's workers are still preempted by wrk's threads
-  more often than hyper's, and the plugin call, the inline bookkeeping and copies of
-  the request and response. Scenario 13 counts allocations exactly: hyper's ceiling
+  second, on the kernel's coarse clock. What is left, by `perf` and `/proc` (later
+  on 2026-11-27, after streamed bodies were reworked; this scenario then read 0.915
+  and 0.928): per request, gem's workers spend 1.72-1.76 µs in user space against
+  hyper's 1.33-1.47 (the plugin call and its header checks, the inline bookkeeping,
+  copies of the request and response) and about as long in the kernel (4.1 µs against
+  3.8-4.05), and they are preempted by wrk's threads more often than hyper's. Scenario 13 counts allocations exactly: hyper's ceiling
   makes 4.0 a request and gem 2.0 (5.0 with hyper's header-read timer, 19.4 before
   ABI 2).
 - **Stream rate (13).** The demo's `/stream` is a `Response::reader`: gem reads it
@@ -65,11 +68,13 @@ const NOTES: &str = "## Reading the misses
   push, with one `writev` per 64 KiB chunk (16,400 per GiB against hyper's 2,350). gem
   set hyper's `max_buf_size` to `max_header_size` (64 KiB) to bound a request head,
   and hyper uses the same bound for how much of a response it queues before a write.
-  hyper now keeps its own bound (about 400 KiB) and gem checks the parsed head against
-  `max_header_size` itself. That alone took the producer to about 0.96 of hyper; the
-  reader reads above 1, as hyper's ceiling allocates a fresh 64 KiB buffer per chunk
-  and gem reuses its own. One download's rate still moves by a factor of up to two
-  between runs, hence the median of 5.
+  hyper-util's auto builder hides hyper's own `max_header_size`, so gem now tells
+  HTTP/2 from HTTP/1 itself (`src/proto.rs`) and gives hyper's HTTP/1 builder both:
+  `max_header_size` for the head, hyper's default `max_buf_size` (about 400 KiB) for
+  the response. That alone took the producer from about 0.5 to 0.7-0.95 of hyper; the
+  reader reads 0.86 to 1.3, as hyper's ceiling allocates a fresh 64 KiB buffer per
+  chunk and gem reuses its own. One download's rate still moves by a factor of up to
+  two between runs, hence the median of 5.
 - **Restart latency.** nginx reloads by forking its master (no exec, no config parse,
   no dlopen); gem starts a fresh process, as the Go original did. From gem's own log
   timestamps over 15 restarts: 1.0-1.5 ms from the signal until the new process has
