@@ -245,6 +245,25 @@ fn a_slow_reader_holds_the_producer_back_instead_of_growing_memory() {
 }
 
 #[test]
+fn a_client_that_leaves_mid_stream_ends_it() {
+    let gem = Gem::start(Spec::new("hello", ""));
+    for via in ["", "&writer=1"] {
+        let mut raw = Raw::send(gem.addr, "GET", &format!("/stream?mb=1024{via}"));
+        assert_eq!(raw.chunk().unwrap().len(), 64 * 1024, "{via}");
+        wait_for("the stream to count as in flight", || {
+            (gem.in_flight() == 1).then_some(())
+        });
+        // Gone, a GiB short: the reader is dropped (the producer stopped), and the
+        // stream no longer counts.
+        drop(raw);
+        wait_for("no request in flight", || {
+            (gem.in_flight() == 0).then_some(())
+        });
+    }
+    assert_eq!(get(gem.addr, "/").unwrap().text(), "Hello world.");
+}
+
+#[test]
 fn a_stream_still_running_at_wait_timeout_is_cut_and_counted() {
     let mut gem = Gem::start(Spec::new("hello", "wait_timeout = \"1s\""));
     // A client that never reads: the producer blocks on backpressure for ever.
