@@ -71,7 +71,7 @@ const NOTES: &str = "## Reading the misses
   hyper-util's auto builder hides hyper's own `max_header_size`, so gem now tells
   HTTP/2 from HTTP/1 itself (`src/proto.rs`) and gives hyper's HTTP/1 builder both:
   `max_header_size` for the head, hyper's default `max_buf_size` (about 400 KiB) for
-  the response. That alone took the producer from about 0.5 to 0.7-0.95 of hyper; the
+  the response. That alone took the producer from about 0.5 to 0.64-0.95 of hyper; the
   reader reads 0.86 to 1.3, as hyper's ceiling allocates a fresh 64 KiB buffer per
   chunk and gem reuses its own. One download's rate still moves by a factor of up to
   two between runs, hence the median of 5.
