@@ -85,24 +85,26 @@ fn a_slow_handler_does_not_stall_other_requests() {
 #[test]
 fn malformed_and_oversized_requests_are_refused_and_serving_goes_on() {
     let gem = Gem::start(Spec::new("hello", "max_header_size = \"8KiB\""));
-    let mut raw = TcpStream::connect(gem.addr).unwrap();
-    raw.write_all(b"NOT HTTP AT ALL\r\n\r\n").unwrap();
-    let mut answer = String::new();
-    raw.read_to_string(&mut answer).unwrap();
-    assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+    // One write on `raw`, then all it answers, to the close. One write: the server
+    // answers 431 and closes once it has read its limit, and a second write racing
+    // that close would fail with EPIPE.
+    let answer = |raw: &mut TcpStream, head: &[u8]| {
+        raw.write_all(head).unwrap();
+        let mut answer = String::new();
+        let _ = raw.read_to_string(&mut answer);
+        answer
+    };
+    let fresh = || TcpStream::connect(gem.addr).unwrap();
+    let refused = answer(&mut fresh(), b"NOT HTTP AT ALL\r\n\r\n");
+    assert!(refused.starts_with("HTTP/1.1 400"), "{refused:?}");
 
-    let mut raw = TcpStream::connect(gem.addr).unwrap();
     let huge = "a".repeat(16 * 1024);
-    // One write: the server answers 431 and closes once it has read its limit, and a
-    // second write racing that close would fail with EPIPE.
     let head = format!("GET / HTTP/1.1\r\nhost: x\r\nx-big: {huge}\r\n\r\n");
-    raw.write_all(head.as_bytes()).unwrap();
-    let mut answer = String::new();
-    let _ = raw.read_to_string(&mut answer);
-    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+    let refused = answer(&mut fresh(), head.as_bytes());
+    assert!(refused.starts_with("HTTP/1.1 431"), "{refused:?}");
 
     // Just under the limit, a head is served, on a connection that stays open.
-    let mut raw = TcpStream::connect(gem.addr).unwrap();
+    let mut raw = fresh();
     let fits = |len: usize| {
         let line = "GET / HTTP/1.1\r\nhost: x\r\nx-big: \r\n\r\n";
         let big = "a".repeat(len - line.len());
@@ -113,22 +115,17 @@ fn malformed_and_oversized_requests_are_refused_and_serving_goes_on() {
         .unwrap();
     let mut buf = [0u8; 512];
     let n = raw.read(&mut buf).unwrap();
-    let answer = String::from_utf8_lossy(&buf[..n]);
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    let served = String::from_utf8_lossy(&buf[..n]);
+    assert!(served.starts_with("HTTP/1.1 200"), "{served:?}");
     // One byte over, it is refused, and the connection closed (the read ends).
-    raw.write_all(fits(8 * 1024 + 1).as_bytes()).unwrap();
-    let mut answer = String::new();
-    let _ = raw.read_to_string(&mut answer);
-    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+    let refused = answer(&mut raw, fits(8 * 1024 + 1).as_bytes());
+    assert!(refused.starts_with("HTTP/1.1 431"), "{refused:?}");
 
     // Padding counts: a head is measured as it came, not as it was parsed.
-    let mut raw = TcpStream::connect(gem.addr).unwrap();
     let pad = " ".repeat(10 * 1024);
     let padded = format!("GET / HTTP/1.1\r\nhost: x\r\nx-pad:{pad}a\r\n\r\n");
-    raw.write_all(padded.as_bytes()).unwrap();
-    let mut answer = String::new();
-    let _ = raw.read_to_string(&mut answer);
-    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+    let refused = answer(&mut fresh(), padded.as_bytes());
+    assert!(refused.starts_with("HTTP/1.1 431"), "{refused:?}");
     assert_eq!(get(gem.addr, "/").unwrap().status, 200);
 }
 
