@@ -53,8 +53,8 @@ pub(crate) enum Kind {
     Pull(Box<Pull>),
 }
 
-/// A streamed body that ended early: its producer or reader failed or panicked. hyper then ends
-/// the connection without the body's proper end, so the client sees the cut.
+/// A streamed body that ended early: its producer or reader failed or panicked. hyper
+/// then ends the connection without the body's proper end, so the client sees the cut.
 #[derive(Debug, thiserror::Error)]
 #[error("the handler's stream was cut")]
 pub(crate) struct StreamCut;
@@ -404,7 +404,9 @@ fn answer(
     match result {
         Ok((mut resp, None)) if bodiless => {
             let len = resp.body().size_hint().exact().unwrap_or_default();
-            if !resp.headers().contains_key(CONTENT_LENGTH) {
+            // 1xx, 204 and 304 never carry a length.
+            let lengthless = matches!(resp.status().as_u16(), 100..=199 | 204 | 304);
+            if !lengthless && !resp.headers().contains_key(CONTENT_LENGTH) {
                 resp.headers_mut()
                     .insert(CONTENT_LENGTH, HeaderValue::from(len));
             }
