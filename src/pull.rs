@@ -32,10 +32,10 @@ const CHUNK: usize = 64 * 1024;
 const SPARES: usize = 8;
 
 /// What one read gives back: the reader (to read on), its buffer, and what it read.
-type Read = (Reader, Vec<u8>, Result<usize, String>);
+type ReadDone = (Reader, Vec<u8>, Result<usize, String>);
 
 /// A read away from the worker: waiting for a place, or on the blocking pool.
-type Away = Pin<Box<dyn Future<Output = Result<Read, String>> + Send>>;
+type Away = Pin<Box<dyn Future<Output = Result<ReadDone, String>> + Send>>;
 
 /// The state of a pulled body. See the module documentation.
 pub(crate) struct Pull {
@@ -109,7 +109,7 @@ impl Pull {
     }
 
     /// What a read gave: a chunk (the reader kept for the next), the end, or a cut.
-    fn took(&mut self, read: Result<Read, String>) -> Option<Result<Bytes, StreamCut>> {
+    fn took(&mut self, read: Result<ReadDone, String>) -> Option<Result<Bytes, StreamCut>> {
         let why = match read {
             Ok((_, buf, Ok(0))) => {
                 self.spares.put(buf);

@@ -458,15 +458,8 @@ fn internal_error() -> HttpResponse<Body> {
 }
 
 fn too_large() -> HttpResponse<Body> {
+    let mut resp = plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
     // The unread body is still on the wire; this connection cannot be reused.
-    closing(plain(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "request body too large\n",
-    ))
-}
-
-/// `resp`, and the connection closed after it.
-fn closing(mut resp: HttpResponse<Body>) -> HttpResponse<Body> {
     resp.headers_mut()
         .insert(CONNECTION, HeaderValue::from_static("close"));
     resp
