@@ -5,7 +5,9 @@
 //! callbacks, a streamed body run on a thread of its own.
 #![allow(unsafe_code)]
 
+use std::cell::{Cell, RefCell};
 use std::ffi::c_void;
+use std::mem::MaybeUninit;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -18,7 +20,7 @@ use gem_plugin::abi::{
     RawReader, RawRequest, RawSink, RawStr, SCHEME_HTTP, SCHEME_HTTPS, WAIT_DRAINING, WAIT_ELAPSED,
     WAIT_GONE,
 };
-use http::header::{HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Response as HttpResponse, StatusCode, Version};
 use hyper::body::Incoming;
 use libloading::Library;
@@ -556,13 +558,17 @@ impl<'a> Exchange<'a> {
             value: RawStr::from_bytes(value.as_bytes()),
         };
         let headers = &self.head.headers;
-        let mut stack = [RawHeader::EMPTY; STACK_HEADERS];
+        // Left uninitialised: only the views written below are lent.
+        let mut stack = [const { MaybeUninit::<RawHeader>::uninit() }; STACK_HEADERS];
         let heap: Vec<RawHeader>;
         let lent: &[RawHeader] = if headers.len() <= STACK_HEADERS {
             for (slot, header) in stack.iter_mut().zip(headers) {
-                *slot = view(header);
+                slot.write(view(header));
             }
-            &stack[..headers.len()]
+            // SAFETY: the loop wrote the first `headers.len()` slots (zip stops at the
+            // shorter side, and the map holds no more than `STACK_HEADERS`); a
+            // `RawHeader` is plain data, so nothing is left to drop.
+            unsafe { std::slice::from_raw_parts(stack.as_ptr().cast::<RawHeader>(), headers.len()) }
         } else {
             heap = headers.iter().map(view).collect();
             &heap
@@ -602,6 +608,37 @@ fn version_number(version: Version) -> u32 {
         Version::HTTP_3 => 30,
         _ => 11,
     }
+}
+
+/// Header maps with room for this many headers at most are kept for reuse.
+const SPARE_CAPACITY: usize = 48;
+
+thread_local! {
+    /// A request's header map, emptied, for the next response built on this thread.
+    /// hyper in turn keeps each response's map (emptied) for the connection's next
+    /// request head, so in steady state no header map is allocated at all.
+    static SPARE_HEADERS: Cell<Option<HeaderMap>> = const { Cell::new(None) };
+}
+
+/// Keeps the header map of a request that has been answered, emptied, for the next
+/// response built on this thread (unless it has no room, or too much).
+pub(crate) fn recycle_headers(mut headers: HeaderMap) {
+    let capacity = headers.capacity();
+    if capacity == 0 || capacity > SPARE_CAPACITY {
+        return;
+    }
+    headers.clear();
+    // (`try_with`: not during the thread's own teardown.)
+    let _ = SPARE_HEADERS.try_with(|spare| spare.set(Some(headers)));
+}
+
+/// An empty header map, with room if one was kept ([`recycle_headers`]).
+fn spare_headers() -> HeaderMap {
+    SPARE_HEADERS
+        .try_with(Cell::take)
+        .ok()
+        .flatten()
+        .unwrap_or_default()
 }
 
 /// This host's callbacks (see `gem_plugin::abi::HostApi`).
@@ -662,32 +699,88 @@ unsafe extern "C" fn host_add_header(ctx: *mut c_void, name: RawStr, value: RawS
     // SAFETY: as in `host_set_status`.
     let state = unsafe { state(ctx) };
     // SAFETY: valid for the call.
-    let name_bytes = unsafe { name.as_bytes() };
-    let Ok(name) = HeaderName::from_bytes(name_bytes) else {
-        let name = String::from_utf8_lossy(name_bytes);
-        return state.invalid(format!("header name {name:?} is not valid"));
+    let (name_bytes, value_bytes) = unsafe { (name.as_bytes(), value.as_bytes()) };
+    let (name, value) = match known_header(name_bytes, value_bytes) {
+        Some(pair) => pair,
+        None => {
+            let Ok(name) = HeaderName::from_bytes(name_bytes) else {
+                let name = String::from_utf8_lossy(name_bytes);
+                return state.invalid(format!("header name {name:?} is not valid"));
+            };
+            // SAFETY: the ABI's contract for the value and its flags.
+            let Ok(value) = HeaderValue::from_maybe_shared(unsafe { bytes_of(value, flags) })
+            else {
+                let value = String::from_utf8_lossy(value_bytes);
+                return state.invalid(format!("header {name:?} has an invalid value {value:?}"));
+            };
+            remember_header(name_bytes, &name, &value);
+            (name, value)
+        }
     };
-    // SAFETY: the ABI's contract for the value and its flags.
-    let bytes = unsafe { bytes_of(value, flags) };
-    match HeaderValue::from_maybe_shared(bytes) {
-        Ok(value) => {
-            // `append` would panic past hyper's header map capacity (about 32k), and
-            // a panic here, inside an `extern "C"` callback, would abort the server.
-            if state
-                .response
-                .headers_mut()
-                .try_append(name, value)
-                .is_err()
-            {
-                state.invalid("too many headers".to_owned());
-            }
-        }
-        Err(_) => {
-            // SAFETY: valid for the call.
-            let value = String::from_utf8_lossy(unsafe { value.as_bytes() });
-            state.invalid(format!("header {name:?} has an invalid value {value:?}"));
-        }
+    let headers = state.response.headers_mut();
+    if headers.capacity() == 0 {
+        // The map replaced is `HeaderMap::new()`'s, which owns no memory ("will not
+        // allocate", says its documentation): nothing is lost by not dropping it.
+        std::mem::forget(std::mem::replace(headers, spare_headers()));
     }
+    // `append` would panic past hyper's header map capacity (about 32k), and a panic
+    // here, inside an `extern "C"` callback, would abort the server.
+    if headers.try_append(name, value).is_err() {
+        state.invalid("too many headers".to_owned());
+    }
+}
+
+/// Header pairs that handlers on this thread sent lately, already checked: a handler
+/// sends the same few (`content-type: text/plain`) with every response, and finding
+/// one here costs a fraction of checking it again (or of copying an owned value).
+const KNOWN_HEADERS: usize = 8;
+/// Longer pairs (name and value) are checked every time instead of kept.
+const KNOWN_HEADER_LEN: usize = 128;
+
+struct KnownHeaders {
+    pairs: [Option<(HeaderName, HeaderValue)>; KNOWN_HEADERS],
+    /// The slot the next pair takes.
+    next: usize,
+}
+
+thread_local! {
+    static KNOWN: RefCell<KnownHeaders> = const {
+        RefCell::new(KnownHeaders {
+            pairs: [const { None }; KNOWN_HEADERS],
+            next: 0,
+        })
+    };
+}
+
+/// A checked pair equal to `name` and `value`, if one was kept ([`remember_header`]).
+fn known_header(name: &[u8], value: &[u8]) -> Option<(HeaderName, HeaderValue)> {
+    KNOWN
+        .try_with(|known| {
+            let known = known.try_borrow().ok()?;
+            known
+                .pairs
+                .iter()
+                .flatten()
+                .find(|(n, v)| n.as_str().as_bytes() == name && v.as_bytes() == value)
+                .cloned()
+        })
+        .ok()
+        .flatten()
+}
+
+/// Keeps a checked pair for [`known_header`], in place of the oldest one kept, if the
+/// handler sent `sent` as the name (already lower-case, so that it will be found).
+fn remember_header(sent: &[u8], name: &HeaderName, value: &HeaderValue) {
+    if sent != name.as_str().as_bytes() || sent.len() + value.len() > KNOWN_HEADER_LEN {
+        return;
+    }
+    let _ = KNOWN.try_with(|known| {
+        if let Ok(mut known) = known.try_borrow_mut() {
+            let slot = known.next;
+            known.pairs[slot] = Some((name.clone(), value.clone()));
+            known.next = (slot + 1) % KNOWN_HEADERS;
+        }
+    });
 }
 
 unsafe extern "C" fn host_set_body(ctx: *mut c_void, body: RawStr, flags: u32) {

@@ -20,7 +20,7 @@ use crate::access_log::Entry;
 use crate::conns::HeadDeadline;
 use crate::drain::Counted;
 use crate::handler::HandlerError;
-use crate::plugin::{BodyIn, Exchange, Stream, start_stream};
+use crate::plugin::{BodyIn, Exchange, Stream, recycle_headers, start_stream};
 use crate::pull::Pull;
 use crate::server::{ConnFacts, ServeContext};
 
@@ -310,7 +310,11 @@ fn answer_now(req: HttpRequest<Incoming>, facts: ConnFacts, ctx: &ServeContext) 
     // returns is small, and the response is moved once.
     let mut exchange = Exchange::new(&parts, facts, id, BodyIn::Whole(Bytes::new()));
     match ctx.runner.try_inline(|| ctx.handler.handle(&mut exchange)) {
-        Some(Ok(())) => Now::Answered(answer(exchange.finish(), &parts, ctx)),
+        Some(Ok(())) => {
+            let resp = answer(exchange.finish(), &parts, ctx);
+            recycle_headers(parts.headers);
+            Now::Answered(resp)
+        }
         Some(Err(why)) => Now::Answered(task_failed(&why)),
         // No free place: the request goes the long way.
         None => {
@@ -365,9 +369,13 @@ async fn call_handler(
     };
     let handler = ctx.handler.clone();
     let call = move || {
+        let mut parts = parts;
         let mut exchange = Exchange::new(&parts, facts, id, body_in);
         handler.handle(&mut exchange);
-        (exchange.finish(), parts)
+        let result = exchange.finish();
+        // Only the method, target and version are looked at from here on.
+        recycle_headers(std::mem::take(&mut parts.headers));
+        (result, parts)
     };
     // A bodiless call that found no free inline place waits for one; the others
     // (and all of an in-process handler's) run on the blocking pool.

@@ -118,22 +118,19 @@ pub unsafe fn serve(
     // (see `set_body_reader`), so no reference to a whole `HostApi` is made.
     let host = raw.host;
     let reader_taken = std::cell::Cell::new(false);
+    // The response is written from inside: it is never moved out of this frame.
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: as above.
-        match unsafe { Request::from_raw(raw, &reader_taken) } {
-            Some(req) => f(&req),
-            None => Ok(Response::text(
-                400,
-                "request method or target is not UTF-8\n",
-            )),
-        }
+        let mut response = match unsafe { Request::from_raw(raw, &reader_taken) } {
+            Some(req) => f(&req)?,
+            None => Response::text(400, "request method or target is not UTF-8\n"),
+        };
+        // SAFETY: the callbacks are valid during the call, with this `ctx`.
+        unsafe { write_response(host, raw.ctx, &mut response) };
+        Ok(())
     }));
     let message = match outcome {
-        Ok(Ok(response)) => {
-            // SAFETY: the callbacks are valid during the call, with this `ctx`.
-            unsafe { write_response(host, raw.ctx, response) };
-            return;
-        }
+        Ok(Ok(())) => return,
         Ok(Err(message)) => message,
         Err(payload) => panic_message(payload.as_ref()),
     };
@@ -141,14 +138,14 @@ pub unsafe fn serve(
     unsafe { ((*host).fail)(raw.ctx, RawStr::from_bytes(message.as_bytes())) };
 }
 
-/// Writes `response` through the host's callbacks.
+/// Writes `response` through the host's callbacks (its body is taken).
 ///
 /// # Safety
 ///
 /// `host` and `ctx` are a request's, valid now.
 #[allow(unsafe_code)]
-unsafe fn write_response(host: *const HostApi, ctx: *mut c_void, response: Response) {
-    let (status, headers, body) = response.into_parts();
+unsafe fn write_response(host: *const HostApi, ctx: *mut c_void, response: &mut Response) {
+    let (status, headers, body) = response.parts();
     // SAFETY (every call below): the caller's contract; the host copies what it keeps
     // before it returns, except static data, which lives as long as the library. Each
     // callback is read through the pointer on its own, from the part of the table

@@ -125,7 +125,7 @@ impl fmt::Debug for Request<'_> {
             .field("method", &self.method)
             .field("target", &self.target)
             .field("version", &self.version)
-            .field("peer", &self.peer)
+            .field("peer", &self.peer_addr())
             .field("id", &self.id)
             .finish_non_exhaustive()
     }
@@ -208,8 +208,9 @@ impl<'a> Request<'a> {
                 abi::SCHEME_HTTPS => Scheme::Https,
                 _ => Scheme::Http,
             },
-            peer: raw.peer.to_socket_addr(),
-            local: raw.local.to_socket_addr(),
+            // Read from `raw` when asked for (most handlers never ask).
+            peer: None,
+            local: None,
             id: raw.request_id,
             raw: Some(raw),
             reader_taken: Some(reader_taken),
@@ -228,12 +229,22 @@ impl<'a> Request<'a> {
 
     /// The path, without the query.
     pub fn path(&self) -> &'a str {
-        self.target.split_once('?').map_or(self.target, |(p, _)| p)
+        self.split_query().0
     }
 
     /// The raw query string after `?`, if any.
     pub fn query(&self) -> Option<&'a str> {
-        self.target.split_once('?').map(|(_, q)| q)
+        self.split_query().1
+    }
+
+    /// The target split at its first `?` (a byte search: `?` is ASCII, and targets are
+    /// short).
+    fn split_query(&self) -> (&'a str, Option<&'a str>) {
+        let target: &'a str = self.target;
+        match target.bytes().position(|b| b == b'?') {
+            Some(at) => (&target[..at], Some(&target[at + 1..])),
+            None => (target, None),
+        }
     }
 
     /// The first value of query parameter `name` (not percent-decoded).
@@ -309,11 +320,13 @@ impl<'a> Request<'a> {
     /// The client's address.
     pub fn peer_addr(&self) -> Option<SocketAddr> {
         self.peer
+            .or_else(|| self.raw.and_then(|raw| raw.peer.to_socket_addr()))
     }
 
     /// The local address the client connected to.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.local
+            .or_else(|| self.raw.and_then(|raw| raw.local.to_socket_addr()))
     }
 
     /// A number unique to this request within the serving process (0 in a test).
@@ -493,6 +506,7 @@ pub struct Response {
 
 impl Response {
     /// An empty response with `status`.
+    #[inline]
     pub fn new(status: u16) -> Self {
         const NONE: (Text, Text) = (Cow::Borrowed(""), Cow::Borrowed(""));
         Response {
@@ -505,6 +519,7 @@ impl Response {
     }
 
     /// A `text/plain; charset=utf-8` response.
+    #[inline]
     pub fn text(status: u16, body: impl Into<Body>) -> Self {
         Response::new(status)
             .with_header("content-type", "text/plain; charset=utf-8")
@@ -561,6 +576,7 @@ impl Response {
     }
 
     /// Adds a header.
+    #[inline]
     pub fn with_header(mut self, name: impl Into<Text>, value: impl Into<Text>) -> Self {
         let header = (name.into(), value.into());
         match self.inline.get_mut(self.inline_len) {
@@ -574,6 +590,7 @@ impl Response {
     }
 
     /// Replaces the body.
+    #[inline]
     pub fn with_body(mut self, body: impl Into<Body>) -> Self {
         self.body = body.into();
         self
@@ -597,20 +614,12 @@ impl Response {
         &self.body
     }
 
-    /// Takes the parts apart, for the SDK's glue.
-    pub(crate) fn into_parts(self) -> (u16, impl Iterator<Item = (Text, Text)>, Body) {
-        let Response {
-            status,
-            inline,
-            inline_len,
-            more,
-            body,
-        } = self;
-        (
-            status,
-            inline.into_iter().take(inline_len).chain(more),
-            body,
-        )
+    /// The status, the headers and the body (taken, leaving it empty), for the SDK's
+    /// glue: borrowed rather than moved, as a response is a few hundred bytes.
+    pub(crate) fn parts(&mut self) -> (u16, impl Iterator<Item = &(Text, Text)>, Body) {
+        let body = std::mem::replace(&mut self.body, Body::Empty);
+        let headers = self.inline[..self.inline_len].iter().chain(&self.more);
+        (self.status, headers, body)
     }
 }
 
@@ -886,10 +895,10 @@ mod tests {
             w.flush()?;
             w.send(b"c")
         });
-        let chunks = BodyWriter::collect(r.into_parts().2).unwrap().unwrap();
+        let chunks = BodyWriter::collect(r.parts().2).unwrap().unwrap();
         assert_eq!(chunks, vec![b"ab".to_vec(), b"c".to_vec()]);
         let r = Response::chunks(200, vec!["x", "y"]);
-        let chunks = BodyWriter::collect(r.into_parts().2).unwrap().unwrap();
+        let chunks = BodyWriter::collect(r.parts().2).unwrap().unwrap();
         assert_eq!(chunks, vec![b"x".to_vec(), b"y".to_vec()]);
         assert!(BodyWriter::collect(Body::Empty).is_none());
     }
