@@ -150,6 +150,72 @@ fn invalid_handler_output_is_refused() {
 }
 
 #[test]
+fn headers_checked_once_are_still_answered_exactly_and_bad_ones_still_refused() {
+    // The same pairs again and again (kept per thread after the first check), a name
+    // in capitals, owned values equal to kept ones, then pairs that must not pass
+    // because a similar pair was kept: each answer carries exactly what was sent.
+    let handler = crate::handler::FnHandler::new("t", |req: &Request<'_>| {
+        let n: usize = req
+            .query_param("n")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut resp = Response::text(200, "x")
+            .with_header("X-Case", "Up")
+            .with_header("x-n", n.to_string())
+            .with_header("x-fixed", String::from("same"));
+        if req.query_param("bad") == Some("value") {
+            resp = resp.with_header("x-fixed", "same\r\nx-evil: 1");
+        }
+        if req.query_param("bad") == Some("name") {
+            resp = resp.with_header("x-n ", "1");
+        }
+        resp
+    });
+    for n in 0..3 * KNOWN_HEADERS {
+        let (status, headers, _) = get(&handler, &format!("/?n={}", n % 3)).unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(headers["content-type"], "text/plain; charset=utf-8");
+        assert_eq!(headers["x-case"], "Up");
+        assert_eq!(headers["x-n"], (n % 3).to_string());
+        assert_eq!(headers["x-fixed"], "same");
+        assert_eq!(headers.len(), 4, "{headers:?}");
+    }
+    for bad in ["value", "name"] {
+        match get(&handler, &format!("/?bad={bad}")) {
+            Err(HandlerError::Invalid(why)) => assert!(why.contains("x-"), "{why}"),
+            other => panic!("{bad}: {:?}", other.map(|a| a.0)),
+        }
+    }
+}
+
+#[test]
+fn a_request_s_header_map_is_reused_for_a_response_and_starts_empty() {
+    let mut request = http::HeaderMap::new();
+    request.insert("x-request", HeaderValue::from_static("1"));
+    request.insert("host", HeaderValue::from_static("x"));
+    let room = request.capacity();
+    recycle_headers(request);
+    let handler = crate::handler::FnHandler::new("t", |_: &Request<'_>| {
+        Response::new(204).with_header("x-response", "2")
+    });
+    let (status, headers, _) = get(&handler, "/").unwrap();
+    assert_eq!(status, 204);
+    // Nothing of the request's is left, and the room it had was kept.
+    assert_eq!(headers.len(), 1, "{headers:?}");
+    assert_eq!(headers["x-response"], "2");
+    assert_eq!(headers.capacity(), room);
+    // Too much room is not kept.
+    let big = http::HeaderMap::with_capacity(4 * SPARE_CAPACITY);
+    recycle_headers(big);
+    let (_, headers, _) = get(&handler, "/").unwrap();
+    assert!(
+        headers.capacity() <= SPARE_CAPACITY,
+        "{}",
+        headers.capacity()
+    );
+}
+
+#[test]
 fn overwriting_the_file_in_place_does_not_touch_the_loaded_copy() {
     let dir = tempfile::tempdir().unwrap();
     let so = dir.path().join("handler.so");

@@ -131,6 +131,17 @@ impl fmt::Debug for Request<'_> {
     }
 }
 
+/// `bytes` as text if they are UTF-8; checked word by word when they are ASCII, as a
+/// method and a target (the path and the query) from gem always are.
+fn text(bytes: &[u8]) -> Option<&str> {
+    match bytes.is_ascii() {
+        // SAFETY: ASCII is UTF-8.
+        #[allow(unsafe_code)]
+        true => Some(unsafe { std::str::from_utf8_unchecked(bytes) }),
+        false => std::str::from_utf8(bytes).ok(),
+    }
+}
+
 impl<'a> Request<'a> {
     /// Builds a request view, e.g. to unit-test a handler. `target` is the path with its
     /// optional `?query`. It is HTTP/1.1 over `http` with no addresses until the `with_`
@@ -199,8 +210,8 @@ impl<'a> Request<'a> {
             false => unsafe { std::slice::from_raw_parts(raw.headers, raw.headers_len) },
         };
         Some(Request {
-            method: std::str::from_utf8(method).ok()?,
-            target: std::str::from_utf8(target).ok()?,
+            method: text(method)?,
+            target: text(target)?,
             headers: Headers::Raw(headers),
             body,
             version: Version::from_abi(raw.version),
@@ -889,7 +900,7 @@ mod tests {
 
     #[test]
     fn streams_collect_their_chunks() {
-        let r = Response::stream(200, |w| {
+        let mut r = Response::stream(200, |w| {
             w.write_all(b"a")?;
             w.write_all(b"b")?;
             w.flush()?;
@@ -897,7 +908,7 @@ mod tests {
         });
         let chunks = BodyWriter::collect(r.parts().2).unwrap().unwrap();
         assert_eq!(chunks, vec![b"ab".to_vec(), b"c".to_vec()]);
-        let r = Response::chunks(200, vec!["x", "y"]);
+        let mut r = Response::chunks(200, vec!["x", "y"]);
         let chunks = BodyWriter::collect(r.parts().2).unwrap().unwrap();
         assert_eq!(chunks, vec![b"x".to_vec(), b"y".to_vec()]);
         assert!(BodyWriter::collect(Body::Empty).is_none());
