@@ -356,6 +356,7 @@ impl RawAddr {
 }
 
 impl From<SocketAddr> for RawAddr {
+    #[inline]
     fn from(addr: SocketAddr) -> RawAddr {
         let mut raw = RawAddr {
             port: addr.port(),

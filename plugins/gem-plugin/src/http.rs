@@ -517,7 +517,7 @@ pub struct Response {
 
 impl Response {
     /// An empty response with `status`.
-    #[inline]
+    #[inline(always)]
     pub fn new(status: u16) -> Self {
         const NONE: (Text, Text) = (Cow::Borrowed(""), Cow::Borrowed(""));
         Response {
@@ -530,7 +530,7 @@ impl Response {
     }
 
     /// A `text/plain; charset=utf-8` response.
-    #[inline]
+    #[inline(always)]
     pub fn text(status: u16, body: impl Into<Body>) -> Self {
         Response::new(status)
             .with_header("content-type", "text/plain; charset=utf-8")
@@ -587,7 +587,7 @@ impl Response {
     }
 
     /// Adds a header.
-    #[inline]
+    #[inline(always)]
     pub fn with_header(mut self, name: impl Into<Text>, value: impl Into<Text>) -> Self {
         let header = (name.into(), value.into());
         match self.inline.get_mut(self.inline_len) {
@@ -601,7 +601,7 @@ impl Response {
     }
 
     /// Replaces the body.
-    #[inline]
+    #[inline(always)]
     pub fn with_body(mut self, body: impl Into<Body>) -> Self {
         self.body = body.into();
         self
