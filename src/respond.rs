@@ -454,7 +454,12 @@ fn host_problem<B>(req: &HttpRequest<B>) -> Option<&'static str> {
         return None;
     }
     // A scan rather than a lookup: cheaper for the few headers most requests have.
-    let hosts = req.headers().iter().filter(|(name, _)| *name == HOST).take(2).count();
+    let hosts = req
+        .headers()
+        .iter()
+        .filter(|(name, _)| *name == HOST)
+        .take(2)
+        .count();
     match hosts {
         0 if req.version() == Version::HTTP_11 => Some("HTTP/1.1 requires a Host header\n"),
         2 => Some("more than one Host header\n"),

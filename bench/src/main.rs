@@ -51,13 +51,29 @@ const NOTES: &str = "## Reading the misses
   future instead of a large one, and the response is moved once instead of through
   four wrappers. hyper's per-request header-read timer (a boxed sleep and two
   timer-wheel locks) is replaced by one deadline per connection, swept a few times a
-  second, on the kernel's coarse clock. What is left, by `perf` and `/proc` (later
-  on 2026-11-27, after streamed bodies were reworked; this scenario then read 0.915
-  and 0.928): per request, gem's workers spend 1.72-1.76 µs in user space against
-  hyper's 1.33-1.47 (the plugin call and its header checks, the inline bookkeeping,
-  copies of the request and response) and about as long in the kernel (4.1 µs against
-  3.8-4.05), and they are preempted by wrk's threads more often than hyper's. Scenario 13 counts allocations exactly: hyper's ceiling
-  makes 4.0 a request and gem 2.0 (5.0 with hyper's header-read timer, 19.4 before
+  second, on the kernel's coarse clock. Later on 2026-11-27 (this scenario then read
+  0.915-0.934), callgrind counted 10,600 instructions per hello-world request in gem
+  against hyper's 7,700 (wrk -t1 -c8 for 10 s, under valgrind). Three changes took
+  gem to about 9,300 (0.962 of hyper in the next full run): the request's header map,
+  emptied, becomes the next response's, which hyper in turn keeps for the
+  connection's next request (no header map is allocated at all: 0.00 allocations a
+  request); header pairs a handler sends again and again are checked once per thread
+  and then found by comparing bytes (`content-type` cost 600 instructions a response,
+  now about 280, hyper's own map insert included); and the SDK writes a response in
+  place and reads the addresses only when asked. What is left: copies of the request
+  and the response between hyper, gem and the SDK (about 1,000 instructions in memcpy
+  against hyper's 350), the plugin call (about 1,200 with the SDK's side and the
+  host's callbacks, 1,900 before; gem's whole service call went from 3,200 to 2,300),
+  and the inline bookkeeping (about 160). Per request, both servers make the same syscalls
+  (one recvfrom, one writev) and gem switches context no more often than hyper
+  (0.017-0.021 against 0.019-0.028 a request, `perf stat`); its CPU time is 5.6-5.9
+  µs against hyper's 5.3-5.5. The inline watchdog's 4 ms tick costs 1-3 % in
+  interleaved A/B runs (without it: 0.950-0.983 of hyper), though a 10 ms tick measured
+  worse than 4 ms, so the cost is not simply its wake-ups; it stays until that is
+  understood, as it bounds how long a slow handler can stall I/O. nginx reads 0.99 to
+  1.0 of hyper here, so gem ≥ nginx asks gem to match hyper itself. Scenario 13
+  counts allocations exactly: hyper's ceiling makes 4.0 a request and gem 0.00 (2.0
+  before the header maps were reused, 5.0 with hyper's header-read timer, 19.4 before
   ABI 2).
 - **Stream rate (13).** The demo's `/stream` is a `Response::reader`: gem reads it
   where a handler call runs (on the worker serving the connection when an inline place
@@ -87,7 +103,7 @@ const NOTES: &str = "## Reading the misses
 - **HTTP/2.** h2load (nghttp2 1.52) does not reconnect after a GOAWAY: a client stops
   at its first one, and the requests it had queued but not sent are counted as failed.
   gem sends GOAWAY at every restart (so the old process can drain and exit), hence few
-  requests and, in most runs, a few failures (0 to 57 in the runs of 2026-11-27, as
+  requests and, in most runs, a few failures (0 to 63 in the runs of 2026-11-27, as
   it depends on what each client had queued when its GOAWAY came); the same h2load
   against gem without restarts
   has 0 errors, and against nginx with its default `keepalive_requests` (1000 per
