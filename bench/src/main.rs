@@ -54,7 +54,8 @@ const NOTES: &str = "## Reading the misses
   second, on the kernel's coarse clock. Later on 2026-11-27 (this scenario then read
   0.915-0.934), callgrind counted 10,600 instructions per hello-world request in gem
   against hyper's 7,700 (wrk -t1 -c8 for 10 s, under valgrind). Three changes took
-  gem to about 9,300 (0.962 of hyper in the next full run): the request's header map,
+  gem to about 9,300 (0.962, then 0.930 of hyper in the two full runs that followed;
+  gem's own rate was the same in both): the request's header map,
   emptied, becomes the next response's, which hyper in turn keeps for the
   connection's next request (no header map is allocated at all: 0.00 allocations a
   request); header pairs a handler sends again and again are checked once per thread
