@@ -414,16 +414,47 @@ pub(crate) enum BodyIn {
 /// host's callbacks (ABI 2, also for in-process handlers). Opaque outside gem.
 #[derive(Debug)]
 pub struct Exchange<'a> {
-    head: &'a http::request::Parts,
+    head: Head<'a>,
     facts: ConnFacts,
     id: u64,
-    state: State,
+    state: State<'a>,
+}
+
+/// The parts of a request head a handler is lent, borrowed from the request itself
+/// (so answering it takes no move of the request) or from its parts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Head<'a> {
+    pub(crate) method: &'a http::Method,
+    pub(crate) uri: &'a http::Uri,
+    pub(crate) version: Version,
+    pub(crate) headers: &'a HeaderMap,
+}
+
+impl<'a> Head<'a> {
+    pub(crate) fn of<B>(req: &'a http::Request<B>) -> Self {
+        Head {
+            method: req.method(),
+            uri: req.uri(),
+            version: req.version(),
+            headers: req.headers(),
+        }
+    }
+
+    pub(crate) fn of_parts(parts: &'a http::request::Parts) -> Self {
+        Head {
+            method: &parts.method,
+            uri: &parts.uri,
+            version: parts.version,
+            headers: &parts.headers,
+        }
+    }
 }
 
 /// What the host's callbacks read and write: `RawRequest::ctx` points here.
 #[derive(Debug)]
-struct State {
-    response: HttpResponse<Body>,
+struct State<'a> {
+    /// Written in place: the caller's, so the response is not moved out of here.
+    response: &'a mut HttpResponse<Body>,
     stream: Option<Stream>,
     error: Option<HandlerError>,
     /// The whole body, lent as `RawRequest::body` and once through `read_body`.
@@ -505,12 +536,14 @@ impl Drop for Producer {
 }
 
 impl<'a> Exchange<'a> {
-    /// A request for a handler: `head` from hyper, the connection's `facts`, its `id`.
+    /// A request for a handler: `head` from hyper, the connection's `facts`, its `id`;
+    /// the handler's response is written into `response` (which should start empty).
     pub(crate) fn new(
-        head: &'a http::request::Parts,
+        head: Head<'a>,
         facts: ConnFacts,
         id: u64,
         body: BodyIn,
+        response: &'a mut HttpResponse<Body>,
     ) -> Self {
         let (whole, chunks) = match body {
             BodyIn::Whole(bytes) => (bytes, None),
@@ -521,7 +554,7 @@ impl<'a> Exchange<'a> {
             facts,
             id,
             state: State {
-                response: HttpResponse::new(Body::empty()),
+                response,
                 stream: None,
                 error: None,
                 whole,
@@ -537,16 +570,18 @@ impl<'a> Exchange<'a> {
     pub(crate) fn respond_with(&mut self, f: impl FnOnce(&Request<'_>) -> Response) {
         // SAFETY: `raw` is valid for the call, with this host's callbacks.
         self.with_raw(false, |raw| unsafe {
-            gem_plugin::__export::serve(raw, |req| Ok(f(req)));
+            gem_plugin::__export::serve(raw, f);
         });
     }
 
-    /// The handler's answer: the response (its body empty or whole) and where its
-    /// streamed body comes from, or why there is none.
-    pub(crate) fn finish(self) -> Result<(HttpResponse<Body>, Option<Stream>), HandlerError> {
-        match self.state.error {
+    /// The handler's answer, the response itself being in the caller's `response`
+    /// (its body empty or whole): where its streamed body comes from, or why there is
+    /// no valid response.
+    /// (By reference: the exchange is large, and moving it out to end it is a copy.)
+    pub(crate) fn finish(&mut self) -> Result<Option<Stream>, HandlerError> {
+        match self.state.error.take() {
             Some(err) => Err(err),
-            None => Ok((self.state.response, self.state.stream)),
+            None => Ok(self.state.stream.take()),
         }
     }
 
@@ -557,7 +592,7 @@ impl<'a> Exchange<'a> {
             name: RawStr::from_bytes(name.as_str().as_bytes()),
             value: RawStr::from_bytes(value.as_bytes()),
         };
-        let headers = &self.head.headers;
+        let headers = self.head.headers;
         // Left uninitialised: only the views written below are lent.
         let mut stack = [const { MaybeUninit::<RawHeader>::uninit() }; STACK_HEADERS];
         let heap: Vec<RawHeader>;
@@ -658,10 +693,10 @@ static HOST: HostApi = HostApi {
 /// # Safety
 ///
 /// `ctx` is the `RawRequest::ctx` of a call in progress on this thread.
-unsafe fn state<'s>(ctx: *mut c_void) -> &'s mut State {
+unsafe fn state<'s>(ctx: *mut c_void) -> &'s mut State<'s> {
     // SAFETY: the caller's contract: `with_raw` made it from a `&mut State` that
     // outlives the call, and nothing else touches it meanwhile.
-    unsafe { &mut *ctx.cast::<State>() }
+    unsafe { &mut *ctx.cast::<State<'s>>() }
 }
 
 /// Bytes the handler passed, copied, or kept by pointer when static.
@@ -680,7 +715,7 @@ unsafe fn bytes_of(s: RawStr, flags: u32) -> Bytes {
     }
 }
 
-impl State {
+impl State<'_> {
     fn invalid(&mut self, why: String) {
         self.error.get_or_insert(HandlerError::Invalid(why));
     }

@@ -54,9 +54,11 @@ fn call(
         .body(())
         .unwrap()
         .into_parts();
-    let mut exchange = Exchange::new(&parts, facts(), 1, BodyIn::Whole(Bytes::from_static(body)));
+    let mut resp = http::Response::new(crate::respond::Body::empty());
+    let body = BodyIn::Whole(Bytes::from_static(body));
+    let mut exchange = Exchange::new(Head::of_parts(&parts), facts(), 1, body, &mut resp);
     handler.handle(&mut exchange);
-    let (resp, stream) = exchange.finish()?;
+    let stream = exchange.finish()?;
     let (head, mut body) = resp.into_parts();
     let bytes = body.whole().unwrap_or_default();
     Ok(((head.status.as_u16(), head.headers, bytes), stream))

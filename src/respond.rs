@@ -20,7 +20,7 @@ use crate::access_log::Entry;
 use crate::conns::HeadDeadline;
 use crate::drain::Counted;
 use crate::handler::HandlerError;
-use crate::plugin::{BodyIn, Exchange, Stream, recycle_headers, start_stream};
+use crate::plugin::{BodyIn, Exchange, Head, Stream, recycle_headers, start_stream};
 use crate::pull::Pull;
 use crate::server::{ConnFacts, ServeContext};
 
@@ -147,7 +147,7 @@ fn next_request_id() -> u64 {
 }
 
 /// The parts of a request the access log needs after the handler has taken it.
-struct Head {
+struct LoggedHead {
     time: SystemTime,
     method: http::Method,
     uri: http::Uri,
@@ -161,7 +161,7 @@ struct Observed {
     started: Option<Instant>,
     /// Copied only when an access log wants it; boxed, so that what is moved along
     /// with every request stays small when none does.
-    head: Option<Box<Head>>,
+    head: Option<Box<LoggedHead>>,
     version: Version,
 }
 
@@ -172,7 +172,7 @@ impl Observed {
         Observed {
             started: observed.then(Instant::now),
             head: observers.access_log.as_ref().map(|_| {
-                Box::new(Head {
+                Box::new(LoggedHead {
                     time: SystemTime::now(),
                     method: req.method().clone(),
                     uri: req.uri().clone(),
@@ -184,22 +184,22 @@ impl Observed {
         }
     }
 
-    /// Finishes `resp` (`Connection: close` once draining; `then` due once it is sent)
-    /// and tells the metrics and the access log of it.
+    /// Finishes `resp` in place (`Connection: close` once draining; `then` due once it
+    /// is sent) and tells the metrics and the access log of it.
     fn after(
         self,
-        mut resp: HttpResponse<Body>,
+        resp: &mut HttpResponse<Body>,
         facts: ConnFacts,
         ctx: &ServeContext,
         then: Option<HeadDeadline>,
-    ) -> HttpResponse<Body> {
+    ) {
         resp.body_mut().then = then;
         if ctx.drain.is_draining() && self.version < Version::HTTP_2 {
             resp.headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("close"));
         }
         let Some(started) = self.started else {
-            return resp;
+            return;
         };
         let status = resp.status().as_u16();
         let took = started.elapsed();
@@ -228,7 +228,6 @@ impl Observed {
                 generation: ctx.observers.generation,
             });
         }
-        resp
     }
 }
 
@@ -258,40 +257,44 @@ impl Future for Respond {
 /// Turns one HTTP request into a handler call and back. `then` is the connection's
 /// deadline for its next request head, due once this response is sent (HTTP/1).
 pub(crate) fn respond(
-    req: HttpRequest<Incoming>,
+    mut req: HttpRequest<Incoming>,
     facts: ConnFacts,
     ctx: &ServeContext,
     then: Option<&HeadDeadline>,
 ) -> Respond {
     let observed = Observed::before(&req, ctx);
     let then = then.cloned();
-    let req = match answer_now(req, facts, ctx) {
-        Now::Answered(resp) => return Respond::Ready(Some(observed.after(resp, facts, ctx, then))),
-        Now::Not(req) => req,
-    };
+    // Built in place, from the handler's call to hyper: a response is a few hundred
+    // bytes, and each move of it is a copy.
+    let mut resp = HttpResponse::new(Body::empty());
+    if answer_now(&mut req, &mut resp, facts, ctx) {
+        observed.after(&mut resp, facts, ctx, then);
+        return Respond::Ready(Some(resp));
+    }
     let ctx = ctx.clone();
     Respond::Later(Box::pin(async move {
         let in_flight = ctx.drain.request();
-        let resp = match call_handler(req, facts, &ctx).await {
+        let mut resp = match call_handler(req, facts, &ctx).await {
             Ok(resp) | Err(resp) => resp,
         };
         drop(in_flight);
-        observed.after(resp, facts, &ctx, then)
+        observed.after(&mut resp, facts, &ctx, then);
+        resp
     }))
 }
 
-/// What [`answer_now`] made of a request.
-enum Now {
-    Answered(HttpResponse<Body>),
-    /// Given back, as it came.
-    Not(HttpRequest<Incoming>),
-}
-
-/// Answers a request right here when that is all it takes: a bad one, or a bodiless
-/// one whose handler runs inline and finds a free place to. Otherwise gives it back.
-fn answer_now(req: HttpRequest<Incoming>, facts: ConnFacts, ctx: &ServeContext) -> Now {
-    if let Some(why) = host_problem(&req) {
-        return Now::Answered(plain(StatusCode::BAD_REQUEST, why));
+/// Answers a request right here, into `resp`, when that is all it takes: a bad one, or
+/// a bodiless one whose handler runs inline and finds a free place to. `false` if not:
+/// the request (and `resp`) are then as they came.
+fn answer_now(
+    req: &mut HttpRequest<Incoming>,
+    resp: &mut HttpResponse<Body>,
+    facts: ConnFacts,
+    ctx: &ServeContext,
+) -> bool {
+    if let Some(why) = host_problem(req) {
+        *resp = plain(StatusCode::BAD_REQUEST, why);
+        return true;
     }
     // Reading a body may wake the connection task onto this worker (HTTP/2 flow
     // control); a handler run inline would hold it up, so only bodiless calls may.
@@ -300,27 +303,28 @@ fn answer_now(req: HttpRequest<Incoming>, facts: ConnFacts, ctx: &ServeContext) 
     // stream of the connection.
     if !req.body().is_end_stream() || !ctx.handler.runs_inline() || req.version() >= Version::HTTP_2
     {
-        return Now::Not(req);
+        return false;
     }
     let _in_flight = ctx.drain.request_ref();
     let id = next_request_id();
-    // The bodiless request's `Incoming` lives until the call is over.
-    let (parts, body) = req.into_parts();
-    // The response stays in the exchange until the call is over: what the call
-    // returns is small, and the response is moved once.
-    let mut exchange = Exchange::new(&parts, facts, id, BodyIn::Whole(Bytes::new()));
-    match ctx.runner.try_inline(|| ctx.handler.handle(&mut exchange)) {
+    let (ran, outcome) = {
+        let mut exchange =
+            Exchange::new(Head::of(req), facts, id, BodyIn::Whole(Bytes::new()), resp);
+        let ran = ctx.runner.try_inline(|| ctx.handler.handle(&mut exchange));
+        (ran, exchange.finish())
+    };
+    match ran {
         Some(Ok(())) => {
-            let resp = answer(exchange.finish(), &parts, ctx);
-            recycle_headers(parts.headers);
-            Now::Answered(resp)
+            answer(resp, outcome, Head::of(req), ctx);
+            recycle_headers(std::mem::take(req.headers_mut()));
+            true
         }
-        Some(Err(why)) => Now::Answered(task_failed(&why)),
+        Some(Err(why)) => {
+            *resp = task_failed(&why);
+            true
+        }
         // No free place: the request goes the long way.
-        None => {
-            drop(exchange);
-            Now::Not(HttpRequest::from_parts(parts, body))
-        }
+        None => false,
     }
 }
 
@@ -336,7 +340,9 @@ async fn call_handler(
     // Only the handler knows whether it reads this body in chunks; it is asked on the
     // head alone, before anything is read.
     let chunked = !bodiless && {
-        let mut head = Exchange::new(&parts, facts, id, BodyIn::Whole(Bytes::new()));
+        let mut unused = HttpResponse::new(Body::empty());
+        let head = Head::of_parts(&parts);
+        let mut head = Exchange::new(head, facts, id, BodyIn::Whole(Bytes::new()), &mut unused);
         ctx.handler.streams_body(&mut head)
     };
     let max = ctx.limits.max_body_size;
@@ -370,12 +376,14 @@ async fn call_handler(
     let handler = ctx.handler.clone();
     let call = move || {
         let mut parts = parts;
-        let mut exchange = Exchange::new(&parts, facts, id, body_in);
+        let mut resp = HttpResponse::new(Body::empty());
+        let mut exchange = Exchange::new(Head::of_parts(&parts), facts, id, body_in, &mut resp);
         handler.handle(&mut exchange);
-        let result = exchange.finish();
+        let outcome = exchange.finish();
+        drop(exchange);
         // Only the method, target and version are looked at from here on.
         recycle_headers(std::mem::take(&mut parts.headers));
-        (result, parts)
+        (resp, outcome, parts)
     };
     // A bodiless call that found no free inline place waits for one; the others
     // (and all of an in-process handler's) run on the blocking pool.
@@ -385,7 +393,10 @@ async fn call_handler(
         ctx.runner.run_blocking(call).await
     };
     match outcome {
-        Ok((result, parts)) => Ok(answer(result, &parts, ctx)),
+        Ok((mut resp, outcome, parts)) => {
+            answer(&mut resp, outcome, Head::of_parts(&parts), ctx);
+            Ok(resp)
+        }
         Err(why) => Err(task_failed(&why)),
     }
 }
@@ -399,18 +410,19 @@ fn task_failed(why: &str) -> HttpResponse<Body> {
     internal_error()
 }
 
-/// The response for what a handler returned: an invalid response is logged and
+/// Makes `resp`, what a handler wrote, the answer: an invalid response is logged and
 /// answered 500; a streamed body gets its producer started, or its reader attached.
 fn answer(
-    result: Result<(HttpResponse<Body>, Option<Stream>), HandlerError>,
-    parts: &http::request::Parts,
+    resp: &mut HttpResponse<Body>,
+    outcome: Result<Option<Stream>, HandlerError>,
+    head: Head<'_>,
     ctx: &ServeContext,
-) -> HttpResponse<Body> {
+) {
     // hyper sends no body for HEAD on HTTP/1, but does on HTTP/2 (RFC 9110 §9.3.2 says
     // it must not): there the body is dropped here, a whole one's length kept.
-    let bodiless = parts.method == http::Method::HEAD && parts.version >= Version::HTTP_2;
-    match result {
-        Ok((mut resp, None)) if bodiless => {
+    let bodiless = *head.method == http::Method::HEAD && head.version >= Version::HTTP_2;
+    match outcome {
+        Ok(None) if bodiless => {
             let len = resp.body().size_hint().exact().unwrap_or_default();
             // 1xx, 204 and 304 never carry a length.
             let lengthless = matches!(resp.status().as_u16(), 100..=199 | 204 | 304);
@@ -419,13 +431,12 @@ fn answer(
                     .insert(CONTENT_LENGTH, HeaderValue::from(len));
             }
             *resp.body_mut() = Body::empty();
-            resp
         }
-        Ok((resp, None)) => resp,
+        Ok(None) => {}
         // The stream is dropped unread.
-        Ok((resp, Some(_))) if bodiless => resp,
-        Ok((mut resp, Some(stream))) => {
-            let what = format!("{} {}", parts.method, parts.uri);
+        Ok(Some(_)) if bodiless => {}
+        Ok(Some(stream)) => {
+            let what = format!("{} {}", head.method, head.uri);
             let in_flight = ctx.drain.request();
             *resp.body_mut() = match stream {
                 Stream::Push(producer) => {
@@ -433,16 +444,15 @@ fn answer(
                 }
                 Stream::Pull(reader) => Body::pull(Pull::new(reader, ctx.clone(), in_flight, what)),
             };
-            resp
         }
         Err(err) => {
             warn!(
                 "[{}] {} {}: {err}; answered 500",
                 std::process::id(),
-                parts.method,
-                parts.uri
+                head.method,
+                head.uri
             );
-            internal_error()
+            *resp = internal_error();
         }
     }
 }

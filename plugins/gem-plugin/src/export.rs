@@ -71,12 +71,17 @@ pub fn init<T: Plugin>(cell: &'static OnceLock<T>) -> RawStr {
 /// valid for the call.
 #[allow(unsafe_code)]
 pub unsafe fn handle<T: Plugin>(cell: &'static OnceLock<T>, req: *const RawRequest) {
-    // SAFETY: the caller's contract.
-    unsafe {
-        serve(req, |r| match cell.get() {
-            Some(plugin) => Ok(plugin.handle(r)),
-            None => Err("handle was called before a successful init".to_owned()),
-        })
+    match cell.get() {
+        // SAFETY: the caller's contract.
+        Some(plugin) => unsafe { serve(req, |r| plugin.handle(r)) },
+        // SAFETY: as above; the host copies the message before it returns.
+        None => unsafe {
+            let raw = &*req;
+            ((*raw.host).fail)(
+                raw.ctx,
+                RawStr::from_bytes(b"handle was called before a successful init"),
+            )
+        },
     }
 }
 
@@ -102,16 +107,13 @@ pub unsafe fn streams_body<T: Plugin>(cell: &'static OnceLock<T>, req: *const Ra
 
 /// Runs `f` on the request at `req` and writes what it answers through the host's
 /// callbacks: the one way a response crosses the ABI, for plugins and for gem's
-/// in-process handlers alike. A panic (or `Err`) is reported with the host's `fail`.
+/// in-process handlers alike. A panic is reported with the host's `fail`.
 ///
 /// # Safety
 ///
 /// As for [`handle`].
 #[allow(unsafe_code)]
-pub unsafe fn serve(
-    req: *const RawRequest,
-    f: impl FnOnce(&Request<'_>) -> Result<Response, String>,
-) {
+pub unsafe fn serve(req: *const RawRequest, f: impl FnOnce(&Request<'_>) -> Response) {
     // SAFETY: the caller guarantees `req` and what it points to is valid now.
     let raw = unsafe { &*req };
     // Kept a pointer: a host built against an older gem-plugin has a shorter table
@@ -122,16 +124,14 @@ pub unsafe fn serve(
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: as above.
         let mut response = match unsafe { Request::from_raw(raw, &reader_taken) } {
-            Some(req) => f(&req)?,
+            Some(req) => f(&req),
             None => Response::text(400, "request method or target is not UTF-8\n"),
         };
         // SAFETY: the callbacks are valid during the call, with this `ctx`.
         unsafe { write_response(host, raw.ctx, &mut response) };
-        Ok(())
     }));
     let message = match outcome {
-        Ok(Ok(())) => return,
-        Ok(Err(message)) => message,
+        Ok(()) => return,
         Err(payload) => panic_message(payload.as_ref()),
     };
     // SAFETY: as above; the host copies the message before it returns.
