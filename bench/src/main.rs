@@ -61,18 +61,28 @@ const NOTES: &str = "## Reading the misses
   request); header pairs a handler sends again and again are checked once per thread
   and then found by comparing bytes (`content-type` cost 600 instructions a response,
   now about 280, hyper's own map insert included); and the SDK writes a response in
-  place and reads the addresses only when asked. What is left: copies of the request
-  and the response between hyper, gem and the SDK (about 1,000 instructions in memcpy
-  against hyper's 350), the plugin call (about 1,200 with the SDK's side and the
-  host's callbacks, 1,900 before; gem's whole service call went from 3,200 to 2,300),
-  and the inline bookkeeping (about 160). Per request, both servers make the same syscalls
+  place and reads the addresses only when asked. On 2026-11-28 the copies went the
+  same way: the handler's callbacks write into the very response that goes back to
+  hyper, the answer and the drain's `Connection: close` are added to it in place, and
+  the request is lent to the handler rather than taken apart and put back (about
+  8,950 instructions with start-up left out, 9,270 before; memcpy 600 against hyper's
+  350, from 970; the next full run read 0.970 of hyper and 0.954 of nginx, with nginx
+  at 1.02 of hyper). What is left: the plugin call (about 1,200 instructions with the
+  SDK's side and the host's callbacks, 1,900 before; gem's whole service call went
+  from 3,200 to 2,300), the connection's own layers (the drain's select, the task
+  tracker, the socket wrapper: about 300), the remaining copies (the SDK's `Response`,
+  264 bytes, is moved twice inside a plugin's `route`), and the inline bookkeeping
+  (about 140). Per request, both servers make the same syscalls
   (one recvfrom, one writev) and gem switches context no more often than hyper
   (0.017-0.021 against 0.019-0.028 a request, `perf stat`); its CPU time is 5.6-5.9
   µs against hyper's 5.3-5.5. The inline watchdog's 4 ms tick costs 1-3 % in
   interleaved A/B runs (without it: 0.950-0.983 of hyper), though a 10 ms tick measured
   worse than 4 ms, so the cost is not simply its wake-ups; it stays until that is
-  understood, as it bounds how long a slow handler can stall I/O. nginx reads 0.99 to
-  1.0 of hyper here, so gem ≥ nginx asks gem to match hyper itself. Scenario 13
+  understood, as it bounds how long a slow handler can stall I/O. Under this load its
+  own share is small: `/proc/<pid>/task/*/schedstat` gave it 4 ms of CPU a second (250
+  wake-ups), while each worker ran about 500 ms a second and waited about as long for a
+  core, and was almost never parked. nginx reads 0.99 to 1.02 of hyper here, so gem ≥
+  nginx asks gem to match hyper itself. Scenario 13
   counts allocations exactly: hyper's ceiling makes 4.0 a request and gem 0.00 (2.0
   before the header maps were reused, 5.0 with hyper's header-read timer, 19.4 before
   ABI 2).
