@@ -24,7 +24,7 @@ use crate::lifecycle::{Identity, Role};
 use crate::listeners::open_listeners;
 use crate::metrics::{Endpoint, Live, Metrics};
 use crate::plugin::LoadedPlugin;
-use crate::server::{Observers, ServeContext, accept_loop};
+use crate::server::{Observers, ServeContext, spawn_accept_loop};
 use crate::service::{Notice, notify, write_pid_file};
 use crate::signals::{Action, SignalRegistry};
 use crate::tls::TlsSetup;
@@ -267,7 +267,7 @@ async fn start_serving(
     let mut listening = Vec::with_capacity(prepared.len());
     for (l, listener) in prepared {
         let tls = l.tls.as_ref().map(|t| t.acceptor.clone());
-        tokio::spawn(accept_loop(listener, tls, ctx.clone(), l.tracker.clone()));
+        spawn_accept_loop(listener, tls, ctx.clone(), &l.tracker);
         info!(
             "[{pid}] listening on {}://{} (listen = {:?})",
             l.addr.scheme(),
@@ -604,7 +604,7 @@ impl Generation {
                 .map_err(Error::io("registering a listener"))?;
             l.tracker = TaskTracker::new();
             let tls = l.tls.as_ref().map(|t| t.acceptor.clone());
-            tokio::spawn(accept_loop(listener, tls, ctx.clone(), l.tracker.clone()));
+            spawn_accept_loop(listener, tls, ctx.clone(), &l.tracker);
         }
         self.drain = drain.clone();
         let mut calls = None;

@@ -139,11 +139,26 @@ impl ServeContext {
     }
 }
 
+/// Starts accepting on `listener` (see [`accept_loop`]), as a task of `tracker` itself:
+/// the drain waits until the tracker is empty, and the loop counts until it has
+/// returned, so a connection accepted at the last instant has its task spawned before
+/// the drain can find the tracker empty. Spawned beside the tracker, the loop could
+/// accept a connection while the drain, finding no connection left, let the process
+/// exit: that client's request was lost unanswered.
+pub fn spawn_accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    ctx: ServeContext,
+    tracker: &TaskTracker,
+) {
+    tracker.spawn(accept_loop(listener, tls, ctx, tracker.clone()));
+}
+
 /// Accepts connections on `listener` until the drain begins, spawning each onto
 /// `tracker`; with `tls`, each is served over TLS. Returns when accepting has stopped;
 /// dropping the listener closes this process's copy of the socket (a new generation
 /// may still hold its own).
-pub async fn accept_loop(
+async fn accept_loop(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     ctx: ServeContext,
@@ -281,5 +296,66 @@ where
 fn log_conn_end(peer: SocketAddr, result: Result<(), Box<dyn std::error::Error + Send + Sync>>) {
     if let Err(err) = result {
         debug!(%peer, cause = %err, "connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use crate::handler::{FnHandler, Response};
+
+    /// The drain is over once the listener's tracker is empty. The accept loop counts
+    /// in it until it has returned, so a connection it accepts just as the drain begins
+    /// is spawned (and answered) before the drain can be over.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_drain_is_not_over_while_the_accept_loop_may_still_accept() {
+        let drain = DrainSignal::new(Duration::from_secs(5));
+        let handler = Arc::new(FnHandler::new(
+            "test",
+            |_req: &crate::handler::Request<'_>| Response::text(200, "hi"),
+        ));
+        let ctx = ServeContext::new(
+            handler,
+            Limits::default(),
+            drain.clone(),
+            Observers::default(),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tracker = TaskTracker::new();
+        spawn_accept_loop(listener, None, ctx, &tracker);
+        tracker.close();
+        let wait = tracker.wait();
+        tokio::pin!(wait);
+        assert!(
+            futures_util::poll!(wait.as_mut()).is_pending(),
+            "no connection is open, but the accept loop still runs: the drain must wait"
+        );
+        // A client the loop accepted is answered, once the drain has begun too.
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut first = [0u8; 12];
+        client.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"HTTP/1.1 200");
+        drain.begin();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        let rest = String::from_utf8_lossy(&rest);
+        assert!(rest.contains("connection: close"), "{rest}");
+        assert!(rest.ends_with("hi"), "{rest}");
+        // The loop has stopped and the connection has ended: now the drain is over.
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .expect("the drain ends once the loop and its connection have");
     }
 }
