@@ -86,7 +86,13 @@ const NOTES: &str = "## Reading the misses
   own share is small: `/proc/<pid>/task/*/schedstat` gave it 4 ms of CPU a second (250
   wake-ups), while each worker ran about 500 ms a second and waited about as long for a
   core, and was almost never parked. nginx reads 0.99 to 1.02 of hyper here, so gem ≥
-  nginx asks gem to match hyper itself. Scenario 13
+  nginx asks gem to match hyper itself. In one interleaved run later on 2026-11-28,
+  each server's CPU time per request was hyper 5.19 µs, nginx 5.37 and gem 5.38, and
+  `perf record` of every syscall counted the same per request for gem and hyper (one
+  recvfrom, one writev, 0.12 epoll_wait, 0.02 futex): the gap is in user space only.
+  hyper's flattened writes (head and body copied into one buffer and sent with one
+  `write`) measured no gain over the two-part `writev` (0.996 of it over 6 rounds), so
+  gem keeps `writev`, which sends a streamed chunk without copying it. Scenario 13
   counts allocations exactly: hyper's ceiling makes 4.0 a request and gem 0.00 (2.0
   before the header maps were reused, 5.0 with hyper's header-read timer, 19.4 before
   ABI 2).
