@@ -85,11 +85,11 @@ const NOTES: &str = "## Reading the misses
   understood, as it bounds how long a slow handler can stall I/O. Under this load its
   own share is small: `/proc/<pid>/task/*/schedstat` gave it 4 ms of CPU a second (250
   wake-ups), while each worker ran about 500 ms a second and waited about as long for a
-  core, and was almost never parked. nginx reads 0.99 to 1.02 of hyper here, so gem ≥
+  core, and was almost never parked. nginx reads 0.97 to 1.02 of hyper here, so gem ≥
   nginx asks gem to match hyper itself. In one interleaved run later on 2026-11-28,
   each server's CPU time per request was hyper 5.19 µs, nginx 5.37 and gem 5.38, and
   `perf record` of every syscall counted the same per request for gem and hyper (one
-  recvfrom, one writev, 0.12 epoll_wait, 0.02 futex): the gap is in user space only.
+  recvfrom, one writev, 0.12-0.14 epoll_wait, 0.01-0.02 futex): the gap is in user space only.
   hyper's flattened writes (head and body copied into one buffer and sent with one
   `write`) measured no gain over the two-part `writev` (0.996 of it over 6 rounds), so
   gem keeps `writev`, which sends a streamed chunk without copying it. Scenario 13
