@@ -79,17 +79,31 @@ const NOTES: &str = "## Reading the misses
   (about 140). Per request, both servers make the same syscalls
   (one recvfrom, one writev) and gem switches context no more often than hyper
   (0.017-0.021 against 0.019-0.028 a request, `perf stat`); its CPU time is 5.6-5.9
-  µs against hyper's 5.3-5.5. The inline watchdog's 4 ms tick costs 1-3 % in
-  interleaved A/B runs (without it: 0.950-0.983 of hyper), though a 10 ms tick measured
-  worse than 4 ms, so the cost is not simply its wake-ups; it stays until that is
-  understood, as it bounds how long a slow handler can stall I/O. Under this load its
-  own share is small: `/proc/<pid>/task/*/schedstat` gave it 4 ms of CPU a second (250
-  wake-ups), while each worker ran about 500 ms a second and waited about as long for a
-  core, and was almost never parked. nginx reads 0.97 to 1.02 of hyper here, so gem ≥
-  nginx asks gem to match hyper itself. In one interleaved run later on 2026-11-28,
+  µs against hyper's 5.3-5.5. In one interleaved run on 2026-11-28,
   each server's CPU time per request was hyper 5.19 µs, nginx 5.37 and gem 5.38, and
   `perf record` of every syscall counted the same per request for gem and hyper (one
-  recvfrom, one writev, 0.12-0.14 epoll_wait, 0.01-0.02 futex): the gap is in user space only.
+  recvfrom, one writev, 0.12-0.14 epoll_wait, 0.01-0.02 futex): the gap was in user
+  space only. Yet a gem whose handler call was replaced by writing the answer directly
+  (about 1,100 fewer instructions a request) gained only 0.6 % in 6 A/B rounds: with
+  wrk on the same 2 cores, instructions are not what sets the rate. The inline
+  watchdog's 4 ms tick did, though it took only 250 wake-ups and 4 ms of CPU a
+  second: in 10-round A/B runs
+  (nginx, A, B, ...; 4 s each; an A/A control read 0.994) a gem without any watchdog read
+  1.020 and 1.017 of the same build with it, and one that looks every 16 ms 1.020.
+  Each wake-up was, presumably, a timer interrupt of its own on a busy core. At its calm tick the
+  watchdog now sets a timer slack of one more tick (`PR_SET_TIMERSLACK`), so the kernel
+  wakes it on an interrupt it takes anyway (the scheduler's tick) within 4 to 8 ms:
+  1.018 of the build without the slack, as much as no watchdog, and after a slow call
+  it still looks every millisecond on time. The first full run after it read gem/hyper
+  1.020 and gem/nginx 1.012. Tried and measured no gain: tokio's `event_interval` at 16,
+  256, 512 or 1024 instead of 61 (1.001 and 1.002 over 4 and 8 rounds, single runs
+  reading up to 1.034), and pinning gem's two workers to a core each (0.944-0.997).
+  A thread-per-core hyper (two current-thread runtimes, `SO_REUSEPORT`) served 1.03 of
+  the multi-thread ceiling and more than nginx in 5 of 5 rounds; gem keeps tokio's
+  work-stealing runtime, because a synchronous handler that blocks would stall every
+  connection of its thread there. nginx reads 0.97 to 1.03 of hyper here, but some
+  rounds jump to 1.1-1.4 of it (up to 256k against 180k) or drop to 0.8: the bench
+  takes the median.
   hyper's flattened writes (head and body copied into one buffer and sent with one
   `write`) measured no gain over the two-part `writev` (0.996 of it over 6 rounds), so
   gem keeps `writev`, which sends a streamed chunk without copying it. Scenario 13
