@@ -94,8 +94,9 @@ const NOTES: &str = "## Reading the misses
   watchdog now sets a timer slack of one more tick (`PR_SET_TIMERSLACK`), so the kernel
   wakes it on an interrupt it takes anyway (the scheduler's tick) within 4 to 8 ms:
   1.018 of the build without the slack, as much as no watchdog, and after a slow call
-  it still looks every millisecond on time. The first full run after it read gem/hyper
-  1.020 and gem/nginx 1.012. Tried and measured no gain: tokio's `event_interval` at 16,
+  it still looks every millisecond on time. The two full runs after it read gem/hyper
+  1.020 and 0.993, gem/nginx 1.012 and 1.000 (by 70 requests a second): level with
+  nginx rather than ahead of it. Tried and measured no gain: tokio's `event_interval` at 16,
   256, 512 or 1024 instead of 61 (1.001 and 1.002 over 4 and 8 rounds, single runs
   reading up to 1.034), and pinning gem's two workers to a core each (0.944-0.997).
   A thread-per-core hyper (two current-thread runtimes, `SO_REUSEPORT`) served 1.03 of
