@@ -87,8 +87,8 @@ const NOTES: &str = "## Reading the misses
   (about 1,100 fewer instructions a request) gained only 0.6 % in 6 A/B rounds: with
   wrk on the same 2 cores, instructions are not what sets the rate. The inline
   watchdog's 4 ms tick did, though it took only 250 wake-ups and 4 ms of CPU a
-  second: in 10-round A/B runs
-  (nginx, A, B, ...; 4 s each; an A/A control read 0.994) a gem without any watchdog read
+  second: in A/B runs of 8 and 10 rounds (nginx, A, B, ...; 4-5 s each; medians of
+  the rounds' ratios; an A/A control read 0.994) a gem without any watchdog read
   1.020 and 1.017 of the same build with it, and one that looks every 16 ms 1.020.
   Each wake-up was, presumably, a timer interrupt of its own on a busy core. At its calm tick the
   watchdog now sets a timer slack of one more tick (`PR_SET_TIMERSLACK`), so the kernel
